@@ -1,0 +1,181 @@
+"""The Dreamer agent: world model, actor and value, the train step and the
+policy (DESIGN.md sections 4 and 5). The run loop lives in dreamer.py."""
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+import tools
+from dreamer_tf import networks
+from dreamer_tf.rssm import RSSM
+
+tfd = tfp.distributions
+
+METRICS = (
+    'model_loss', 'actor_loss', 'value_loss', 'image_loss', 'reward_loss',
+    'div', 'prior_ent', 'post_ent', 'action_ent', 'model_grad_norm',
+    'actor_grad_norm', 'value_grad_norm')
+
+
+def dtype_policy(precision, gpu=None):
+  """Keras dtype policy for `precision` 32 or 16. 16 means mixed_float16 on a
+  GPU (with loss scaling) and mixed_bfloat16 on a CPU (no loss scaling); the
+  explicit policy names are accepted too, to force a path in tests."""
+  if precision in ('float32', 'mixed_bfloat16', 'mixed_float16'):
+    return precision
+  if int(precision) == 32:
+    return 'float32'
+  if int(precision) != 16:
+    raise ValueError(f'--precision must be 16 or 32, got {precision!r}.')
+  if gpu is None:
+    gpu = bool(tf.config.list_physical_devices('GPU'))
+  return 'mixed_float16' if gpu else 'mixed_bfloat16'
+
+
+def free_nats_kl(post_dist, prior_dist, free_nats):
+  """max(mean KL(post || prior), free_nats): free nats on the batch mean, so
+  below the threshold the KL term gives the model no gradient."""
+  div = tf.reduce_mean(tfd.kl_divergence(post_dist, prior_dist))
+  return tf.maximum(div, free_nats)
+
+
+class Dreamer:
+  """World model, actor and value with their three optimizers.
+
+  `config` needs the model, training and behaviour keys of DESIGN.md §6.
+  `act_dim` is the action size (one-hot size for discrete actions). Batches
+  are dicts of [B, T, ...] tensors: image uint8 [B, T, 64, 64, 3], action
+  float32 [B, T, A], reward and discount float32 [B, T].
+  `policy` is a dtype policy name or precision (see `dtype_policy`).
+  """
+
+  def __init__(self, config, act_dim, image_shape=(64, 64, 3), policy=None):
+    self.config = c = config
+    self.policy = dtype_policy(c.precision if policy is None else policy)
+    self.act_dim = act_dim
+    dt = self.policy
+    self.encoder = networks.ConvEncoder(c.cnn_depth, c.cnn_act, dtype=dt)
+    self.dynamics = RSSM(c.stoch_size, c.deter_size, c.deter_size, dtype=dt)
+    self.decoder = networks.ConvDecoder(
+        c.cnn_depth, c.cnn_act, image_shape, dtype=dt)
+    self.reward = networks.DenseDecoder(
+        (), 2, c.num_units, act=c.dense_act, dtype=dt, name='reward')
+    self.pcont = c.pcont and networks.DenseDecoder(
+        (), 3, c.num_units, 'binary', c.dense_act, dtype=dt, name='pcont')
+    self.value = networks.DenseDecoder(
+        (), 3, c.num_units, act=c.dense_act, dtype=dt, name='value')
+    self.actor = networks.ActionDecoder(
+        act_dim, 4, c.num_units, c.action_dist, c.dense_act,
+        init_std=c.action_init_std, dtype=dt)
+    self._build(image_shape)
+    scale = self.policy == 'mixed_float16'
+    opt = lambda name, parts, lr: tools.Optimizer(
+        name, [v for p in parts for v in p.trainable_variables], lr,
+        c.grad_clip, c.weight_decay, c.weight_decay_pattern, scale)
+    self.model_parts = [self.encoder, self.dynamics, self.decoder, self.reward]
+    self.model_parts += [self.pcont] if self.pcont else []
+    self.model_opt = opt('model', self.model_parts, c.model_lr)
+    self.actor_opt = opt('actor', [self.actor], c.actor_lr)
+    self.value_opt = opt('value', [self.value], c.value_lr)
+    self.train = tf.function(self._train)
+
+  def _build(self, image_shape):
+    """Creates every variable by calling each module once on zeros."""
+    embed = self.encoder(tf.zeros((1, 1) + tuple(image_shape)))
+    post, _ = self.dynamics.observe(embed, tf.zeros([1, 1, self.act_dim]))
+    feat = self.dynamics.get_feat(post)
+    heads = [self.decoder, self.reward, self.value, self.actor]
+    for head in heads + ([self.pcont] if self.pcont else []):
+      head(feat)
+
+  def param_counts(self):
+    count = networks.count_params
+    return dict(model=sum(count(p) for p in self.model_parts),
+                actor=count(self.actor), value=count(self.value))
+
+  def preprocess(self, data):
+    """uint8 images to [-0.5, 0.5]; optional tanh-clipped rewards."""
+    data = dict(data)
+    data['image'] = tf.cast(data['image'], tf.float32) / 255.0 - 0.5
+    if 'reward' in data and self.config.clip_rewards == 'tanh':
+      data['reward'] = tf.tanh(data['reward'])
+    return data
+
+  def _train(self, data):
+    """One update of model, actor and value on a batch; returns metrics."""
+    c = self.config
+    data = self.preprocess(data)
+    with tf.GradientTape(persistent=True) as tape:
+      model_loss, post, metrics = self.world_model_loss(data)
+      imag_feat = self.imagine_ahead(post)
+      actor_loss, value_loss = self.behavior_losses(imag_feat)
+    metrics['model_grad_norm'] = self.model_opt.step(tape, model_loss)
+    metrics['actor_grad_norm'] = self.actor_opt.step(tape, actor_loss)
+    metrics['value_grad_norm'] = self.value_opt.step(tape, value_loss)
+    del tape
+    feat = tf.stop_gradient(self.dynamics.get_feat(post))
+    metrics['action_ent'] = tf.reduce_mean(self.actor(feat).entropy())
+    metrics.update(model_loss=model_loss, actor_loss=actor_loss,
+                   value_loss=value_loss)
+    if self.policy == 'mixed_float16':
+      metrics['loss_scale'] = self.model_opt.loss_scale.read_value()
+    return metrics
+
+  def world_model_loss(self, data, eps=None):
+    """Steps 1-4: model loss, posterior states [B, T, ...] and metrics."""
+    c = self.config
+    embed = self.encoder(data['image'])
+    post, prior = self.dynamics.observe(embed, data['action'], eps=eps)
+    feat = self.dynamics.get_feat(post)
+    likes = dict(
+        image=tf.reduce_mean(self.decoder(feat).log_prob(data['image'])),
+        reward=tf.reduce_mean(self.reward(feat).log_prob(data['reward'])))
+    if self.pcont:
+      target = c.discount * data['discount']
+      likes['pcont'] = c.pcont_scale * tf.reduce_mean(
+          self.pcont(feat).log_prob(target))
+    prior_dist = self.dynamics.get_dist(prior)
+    post_dist = self.dynamics.get_dist(post)
+    div = free_nats_kl(post_dist, prior_dist, c.free_nats)
+    model_loss = c.kl_scale * div - sum(likes.values())
+    metrics = {f'{name}_loss': -like for name, like in likes.items()}
+    metrics.update(
+        div=div, prior_ent=tf.reduce_mean(prior_dist.entropy()),
+        post_ent=tf.reduce_mean(post_dist.entropy()))
+    return model_loss, post, metrics
+
+  def imagine_ahead(self, post):
+    """Steps 5-6: from every posterior state (all but the last step when
+    pcont is on), roll the prior `horizon` steps with the actor's sampled
+    actions. Returns the features after each step, [H, B*T, F]."""
+    if self.pcont:
+      post = {k: v[:, :-1] for k, v in post.items()}
+    flatten = lambda x: tf.reshape(x, [-1] + x.shape[2:].as_list())
+    start = {k: flatten(tf.stop_gradient(v)) for k, v in post.items()}
+    def step(prev, _):
+      feat = tf.stop_gradient(self.dynamics.get_feat(prev))
+      return self.dynamics.img_step(prev, self.actor(feat).sample())
+    states = tools.static_scan(step, tf.range(self.config.horizon), start)
+    return self.dynamics.get_feat(states)
+
+  def behavior_losses(self, imag_feat):
+    """Steps 7-10 from one forward pass of the heads over the imagined
+    features: the value head's output feeds both the returns (actor loss)
+    and the value loss (the reference runs that forward pass twice)."""
+    c = self.config
+    reward = self.reward(imag_feat).mode()
+    value_dist = self.value(imag_feat)
+    value = value_dist.mode()
+    if self.pcont:
+      pcont = self.pcont(imag_feat).mean()
+    else:
+      pcont = c.discount * tf.ones_like(reward)
+    returns = tools.lambda_return(
+        reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1],
+        lambda_=c.disclam, axis=0)
+    weight = tf.stop_gradient(tf.math.cumprod(
+        tf.concat([tf.ones_like(pcont[:1]), pcont[:-2]], 0), 0))
+    actor_loss = -tf.reduce_mean(weight * returns)
+    value_pred = tfd.Independent(tfd.Normal(value_dist.mean()[:-1], 1.0), 0)
+    value_loss = -tf.reduce_mean(
+        weight * value_pred.log_prob(tf.stop_gradient(returns)))
+    return actor_loss, value_loss

@@ -1,0 +1,147 @@
+"""The paper's networks (DESIGN.md section 3) as Keras 3 layers.
+
+Every sub-layer is created once in `__init__` under the reference's name
+(`h1..` in the conv nets, `h0..`/`hout` in the dense heads), so weights map to
+the reference's by name. `dtype` is a Keras dtype policy name: 'float32',
+'mixed_bfloat16' or 'mixed_float16'. Layers compute in the policy's compute
+dtype, variables stay float32, and every module returns float32 tensors or
+float32 distributions, so losses are always computed in float32.
+"""
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+from tensorflow import keras
+
+import tools
+
+tfd = tfp.distributions
+layers = keras.layers
+
+
+class ConvEncoder(layers.Layer):
+  """Image [..., 64, 64, 3] float (already scaled to [-0.5, 0.5]) ->
+  embedding [..., 32 * depth] float32. Four 4x4 stride-2 VALID convolutions
+  with 1, 2, 4, 8 times `depth` filters; any leading batch shape."""
+
+  def __init__(self, depth=32, act='relu', dtype=None, name='encoder'):
+    super().__init__(name=name, dtype=dtype)
+    self.convs = [
+        layers.Conv2D(mult * depth, 4, 2, activation=act, dtype=dtype,
+                      name=f'h{i + 1}')
+        for i, mult in enumerate((1, 2, 4, 8))]
+
+  def call(self, image):
+    lead = tf.shape(image)[:-3]
+    x = tf.reshape(image, tf.concat([[-1], tf.shape(image)[-3:]], 0))
+    for conv in self.convs:
+      x = conv(x)
+    x = tf.reshape(x, tf.concat([lead, [np.prod(x.shape[1:])]], 0))
+    return tf.cast(x, tf.float32)
+
+
+class ConvDecoder(layers.Layer):
+  """Features [..., F] -> Independent(Normal(mean, 1), 3) over images
+  [..., 64, 64, 3] (float32). Dense(32 * depth) then four stride-2 VALID
+  transposed convolutions, 1 -> 5 -> 13 -> 30 -> 64 pixels."""
+
+  def __init__(self, depth=32, act='relu', shape=(64, 64, 3), dtype=None,
+               name='decoder'):
+    super().__init__(name=name, dtype=dtype)
+    self._shape = tuple(shape)
+    self.dense = layers.Dense(32 * depth, dtype=dtype, name='h1')
+    specs = [(4 * depth, 5, act), (2 * depth, 5, act), (depth, 6, act),
+             (shape[-1], 6, None)]
+    self.deconvs = [
+        layers.Conv2DTranspose(filters, kernel, 2, activation=activation,
+                               dtype=dtype, name=f'h{i + 2}')
+        for i, (filters, kernel, activation) in enumerate(specs)]
+
+  def call(self, features):
+    lead = tf.shape(features)[:-1]
+    x = self.dense(features)
+    x = tf.reshape(x, [-1, 1, 1, x.shape[-1]])
+    for deconv in self.deconvs:
+      x = deconv(x)
+    mean = tf.reshape(tf.cast(x, tf.float32), tf.concat([lead, self._shape], 0))
+    return tfd.Independent(tfd.Normal(mean, 1.0), len(self._shape))
+
+
+class MLP(layers.Layer):
+  """`count` Dense layers of `units` with `act` (named h0..), then a linear
+  Dense `hout` with `out` outputs. Returns the float32 output."""
+
+  def __init__(self, out, count, units, act='elu', dtype=None, name='mlp'):
+    super().__init__(name=name, dtype=dtype)
+    self.hidden = [layers.Dense(units, act, dtype=dtype, name=f'h{i}')
+                   for i in range(count)]
+    self.out = layers.Dense(out, dtype=dtype, name='hout')
+
+  def call(self, x):
+    for dense in self.hidden:
+      x = dense(x)
+    return tf.cast(self.out(x), tf.float32)
+
+
+class DenseDecoder(MLP):
+  """Features [..., F] -> distribution over `shape` (float32).
+  dist='normal': Independent(Normal(x, 1)); 'binary': Independent(Bernoulli
+  (logits=x)). Reward head: 2 layers, value head 3, continuation head 3."""
+
+  def __init__(self, shape, layers_count, units=400, dist='normal', act='elu',
+               dtype=None, name='dense_decoder'):
+    super().__init__(int(np.prod(shape)), layers_count, units, act, dtype, name)
+    if dist not in ('normal', 'binary'):
+      raise ValueError(f'Unknown DenseDecoder dist {dist!r}.')
+    self._shape = tuple(shape)
+    self._dist = dist
+
+  def call(self, features):
+    x = super().call(features)
+    x = tf.reshape(x, tf.concat([tf.shape(features)[:-1], self._shape], 0))
+    if self._dist == 'normal':
+      return tfd.Independent(tfd.Normal(x, 1.0), len(self._shape))
+    return tfd.Independent(
+        tfd.Bernoulli(logits=x, dtype=tf.float32), len(self._shape))
+
+
+class ActionDecoder(MLP):
+  """Actor: features [..., F] -> action distribution over [..., size].
+
+  'tanh_normal': loc = 5 tanh(mean / 5), scale = softplus(raw + log(e^init_std
+  - 1)) + min_std, Normal -> tanh -> Independent(1), wrapped in SampleDist
+  (mode/mean/entropy from 100 samples). 'onehot': OneHotDist with
+  straight-through sample gradients. Samples are float32.
+  """
+
+  def __init__(self, size, layers_count=4, units=400, dist='tanh_normal',
+               act='elu', min_std=1e-4, init_std=5.0, mean_scale=5.0,
+               dtype=None, name='actor'):
+    if dist not in ('tanh_normal', 'onehot'):
+      raise ValueError(
+          f'Unknown action_dist {dist!r}: use tanh_normal or onehot.')
+    out = 2 * size if dist == 'tanh_normal' else size
+    super().__init__(out, layers_count, units, act, dtype, name)
+    self._dist = dist
+    self._min_std, self._mean_scale = min_std, mean_scale
+    self._raw_init_std = float(np.log(np.exp(init_std) - 1))
+
+  def loc_scale(self, features):
+    """The Normal's loc and scale before the tanh, each [..., size]."""
+    mean, std = tf.split(super().call(features), 2, -1)
+    mean = self._mean_scale * tf.tanh(mean / self._mean_scale)
+    std = tf.nn.softplus(std + self._raw_init_std) + self._min_std
+    return mean, std
+
+  def call(self, features):
+    if self._dist == 'onehot':
+      return tools.OneHotDist(super().call(features))
+    mean, std = self.loc_scale(features)
+    dist = tfd.TransformedDistribution(
+        tfd.Normal(mean, std), tools.TanhBijector())
+    return tools.SampleDist(tfd.Independent(dist, 1))
+
+
+def count_params(layer):
+  """Number of scalars in a layer's trainable variables."""
+  return int(sum(np.prod(v.shape) for v in layer.trainable_variables))

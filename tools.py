@@ -1,0 +1,305 @@
+"""Helpers shared by the agent and the script: scans, returns, distributions,
+the optimizer wrapper, schedules and flag types.
+
+Everything here is a small pure function or a small class. Shapes follow the
+reference: `static_scan` and `lambda_return` work on time-major tensors.
+"""
+
+import re
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+tfd = tfp.distributions
+
+
+# ----------------------------------------------------------------------------
+# Scans and returns.
+
+def static_scan(fn, inputs, start, reverse=False):
+  """Unrolled scan: `last = fn(last, inputs[t])` for every t (time-major).
+
+  `inputs` and `start` are nested structures; every leaf of `inputs` has the
+  same static length on axis 0. Returns the structure of `start` whose leaves
+  are the stacked per-step outputs, [T, ...]. With `reverse`, the loop runs
+  from the last step to the first and the outputs keep time order.
+  """
+  flat_inputs = tf.nest.flatten(inputs)
+  length = flat_inputs[0].shape[0]
+  if length is None:
+    raise ValueError('static_scan needs a static length on axis 0.')
+  steps = range(length - 1, -1, -1) if reverse else range(length)
+  last, outputs = start, []
+  for t in steps:
+    step_inputs = tf.nest.pack_sequence_as(inputs, [x[t] for x in flat_inputs])
+    last = fn(last, step_inputs)
+    outputs.append(tf.nest.flatten(last))
+  if reverse:
+    outputs = outputs[::-1]
+  stacked = [tf.stack(leaf, 0) for leaf in zip(*outputs)]
+  return tf.nest.pack_sequence_as(start, stacked)
+
+
+def lambda_return(reward, value, pcont, bootstrap, lambda_, axis=0):
+  """TD(lambda) returns, DESIGN.md section 4 step 8.
+
+  R_t = r_t + c_t * ((1 - lambda) * v_{t+1} + lambda * R_{t+1}), where the
+  value after the last step and R after the last step are `bootstrap`.
+  lambda=1 gives the discounted Monte-Carlo return with bootstrap, lambda=0 the
+  one-step target. `reward`, `value`, `pcont` have the same shape with time on
+  `axis`; `pcont` may be a Python number; `bootstrap` lacks the time axis.
+  """
+  if isinstance(pcont, (int, float)):
+    pcont = pcont * tf.ones_like(reward)
+  if reward.shape.ndims != value.shape.ndims:
+    raise ValueError(f'reward {reward.shape} and value {value.shape} differ.')
+  if axis != 0:
+    perm = [axis] + [i for i in range(reward.shape.ndims) if i != axis]
+    reward, value, pcont = (tf.transpose(x, perm) for x in (reward, value, pcont))
+  if bootstrap is None:
+    bootstrap = tf.zeros_like(value[-1])
+  next_value = tf.concat([value[1:], bootstrap[None]], 0)
+  inputs = reward + pcont * next_value * (1 - lambda_)
+  returns = static_scan(
+      lambda agg, cur: cur[0] + cur[1] * lambda_ * agg,
+      (inputs, pcont), bootstrap, reverse=True)
+  if axis != 0:
+    returns = tf.transpose(returns, np.argsort(perm))
+  return returns
+
+
+# ----------------------------------------------------------------------------
+# Distributions.
+
+class TanhBijector(tfp.bijectors.Bijector):
+  """y = tanh(x). The inverse clips |y| <= 1 to +-0.99999997 before atanh,
+  computed in float32, so samples at the boundary give finite log-probs."""
+
+  def __init__(self, validate_args=False, name='tanh'):
+    super().__init__(
+        forward_min_event_ndims=0, validate_args=validate_args, name=name)
+
+  def _forward(self, x):
+    return tf.nn.tanh(x)
+
+  def _inverse(self, y):
+    dtype = y.dtype
+    y = tf.cast(y, tf.float32)
+    y = tf.where(
+        tf.abs(y) <= 1.0, tf.clip_by_value(y, -0.99999997, 0.99999997), y)
+    return tf.cast(tf.atanh(y), dtype)
+
+  def _forward_log_det_jacobian(self, x):
+    # log(1 - tanh(x)^2) written so that it stays finite for large |x|.
+    log2 = tf.math.log(tf.constant(2.0, x.dtype))
+    return 2.0 * (log2 - x - tf.nn.softplus(-2.0 * x))
+
+
+class SampleDist:
+  """Wraps a distribution whose mode, mean and entropy have no closed form,
+  estimating them from `samples` draws. The batch shape is the wrapped one.
+
+  mode(): per batch element, the draw with the highest log-probability (the
+  reference picks the best index of batch row 0 for every row; DESIGN.md §9).
+  """
+
+  def __init__(self, dist, samples=100):
+    self._dist = dist
+    self._samples = samples
+
+  def __getattr__(self, name):
+    return getattr(self._dist, name)
+
+  def mean(self):
+    return tf.reduce_mean(self._dist.sample(self._samples), 0)
+
+  def mode(self):
+    sample = self._dist.sample(self._samples)            # [S, *batch, A]
+    logprob = self._dist.log_prob(sample)                # [S, *batch]
+    best = tf.one_hot(tf.argmax(logprob, 0), self._samples, axis=0,
+                      dtype=sample.dtype)                # [S, *batch]
+    return tf.reduce_sum(sample * best[..., None], 0)
+
+  def entropy(self):
+    sample = self._dist.sample(self._samples)
+    return -tf.reduce_mean(self._dist.log_prob(sample), 0)
+
+
+class OneHotDist:
+  """Categorical over one-hot vectors [..., K] with straight-through sample
+  gradients: sample + probs - stop_gradient(probs). mode() is the one-hot
+  argmax, mean() the probabilities. Everything is float32."""
+
+  def __init__(self, logits):
+    self._logits = tf.cast(logits, tf.float32)
+    self._dist = tfd.Categorical(logits=self._logits)
+    self._classes = self._logits.shape[-1]
+
+  def _onehot(self, indices):
+    return tf.one_hot(indices, self._classes, dtype=tf.float32)
+
+  def log_prob(self, onehot):
+    return self._dist.log_prob(tf.argmax(onehot, -1))
+
+  def entropy(self):
+    return self._dist.entropy()
+
+  def mean(self):
+    return tf.nn.softmax(self._logits)
+
+  def mode(self):
+    return self._onehot(tf.argmax(self._logits, -1))
+
+  def sample(self, amount=None):
+    indices = self._dist.sample(() if amount is None else amount)
+    probs = self.mean()
+    return self._onehot(indices) + probs - tf.stop_gradient(probs)
+
+
+# ----------------------------------------------------------------------------
+# Optimizer.
+
+class Optimizer:
+  """Adam with global-norm clipping, optional decoupled weight decay and
+  dynamic loss scaling; one per part of the agent (model, actor, value).
+
+  `step(tape, loss, variables)` takes the gradient of a float32 scalar loss,
+  clips it to `clip` by global norm, and applies it unless some gradient is not
+  finite (then the step is skipped, in every precision, as the reference's
+  loss-scale optimizer does). Returns the global norm before clipping.
+
+  With `loss_scale=True` (compute dtype float16) the backward pass starts from
+  `scale` instead of 1 and the gradients are divided by it afterwards; the
+  scale starts at 2**15, halves on a non-finite step and doubles after 2000
+  finite steps in a row (TensorFlow's dynamic loss scale).
+
+  Weight decay `var -= lr * wd * var` is applied, on variables whose path
+  matches `wd_pattern`, in the same step. The reference's version never
+  assigned (a no-op); this one works and defaults to off (DESIGN.md §9).
+  """
+
+  GROWTH_INTERVAL = 2000
+
+  def __init__(self, name, variables, lr, clip=None, wd=0.0, wd_pattern='.*',
+               loss_scale=False):
+    self.name = name
+    self.variables = list(variables)
+    self._lr, self._clip, self._wd = lr, clip, wd
+    self._decay = [v for v in self.variables if re.search(wd_pattern, v.path)]
+    self._opt = tf.keras.optimizers.Adam(lr, name=f'{name}_adam')
+    self._opt.build(self.variables)
+    self.loss_scale = tf.Variable(
+        2.0 ** 15 if loss_scale else 1.0, trainable=False, dtype=tf.float32,
+        name=f'{name}_loss_scale')
+    self._dynamic = loss_scale
+    self._good_steps = tf.Variable(
+        0, trainable=False, dtype=tf.int64, name=f'{name}_good_steps')
+
+  @property
+  def iterations(self):
+    return self._opt.iterations
+
+  def checkpoint_items(self):
+    """Objects to save: the Adam state and the loss-scale state."""
+    return dict(
+        adam=self._opt, loss_scale=self.loss_scale,
+        good_steps=self._good_steps)
+
+  def gradients(self, tape, loss):
+    """Unscaled gradients of `loss`, taken from a scaled backward pass."""
+    if loss.shape.ndims != 0:
+      raise ValueError(f'{self.name} loss must be a scalar, got {loss.shape}.')
+    grads = tape.gradient(
+        loss, self.variables, output_gradients=self.loss_scale)
+    missing = [v.path for v, g in zip(self.variables, grads) if g is None]
+    if missing:
+      raise ValueError(f'The {self.name} loss does not reach: {missing}.')
+    return [tf.cast(g, tf.float32) / self.loss_scale for g in grads]
+
+  def step(self, tape, loss):
+    grads = self.gradients(tape, loss)
+    norm = tf.linalg.global_norm(grads)
+    finite = tf.math.is_finite(norm)
+    if self._clip:
+      grads, _ = tf.clip_by_global_norm(grads, self._clip, use_norm=norm)
+    tf.cond(finite, lambda: self._apply(grads), tf.no_op)
+    if self._dynamic:
+      self._update_scale(finite)
+    return norm
+
+  def _apply(self, grads):
+    if self._wd:
+      for var in self._decay:
+        var.assign_sub(self._lr * self._wd * var)
+    self._opt.apply(grads, self.variables)
+    return tf.no_op()
+
+  def _update_scale(self, finite):
+    grow = tf.logical_and(
+        finite, self._good_steps + 1 >= self.GROWTH_INTERVAL)
+    scale = tf.where(
+        finite, tf.where(grow, 2.0 * self.loss_scale, self.loss_scale),
+        tf.maximum(self.loss_scale / 2.0, 1.0))
+    self.loss_scale.assign(scale)
+    self._good_steps.assign(
+        tf.where(finite & ~grow, self._good_steps + 1, tf.constant(0, tf.int64)))
+
+
+# ----------------------------------------------------------------------------
+# Schedules and flags.
+
+class Every:
+  """True once every `every` units of a growing counter; never when 0."""
+
+  def __init__(self, every):
+    self._every = every
+    self._last = None
+
+  def __call__(self, step):
+    if not self._every:
+      return False
+    if self._last is None:
+      self._last = step
+      return True
+    if step >= self._last + self._every:
+      self._last += self._every * ((step - self._last) // self._every)
+      return True
+    return False
+
+
+class Once:
+  """True on the first call only."""
+
+  def __init__(self):
+    self._once = True
+
+  def __call__(self):
+    if self._once:
+      self._once = False
+      return True
+    return False
+
+
+def args_type(default):
+  """argparse `type` for a flag whose default is `default`: booleans accept
+  true/false/1/0, ints accept scientific notation like 5e6 when integral."""
+  if isinstance(default, bool):
+    def parse_bool(text):
+      lowered = text.lower()
+      if lowered in ('true', '1', 'yes'):
+        return True
+      if lowered in ('false', '0', 'no'):
+        return False
+      raise ValueError(f'expected true or false, got {text!r}')
+    return parse_bool
+  if isinstance(default, int):
+    def parse_int(text):
+      number = float(text)
+      if number != int(number):
+        raise ValueError(f'expected an integer, got {text!r}')
+      return int(number)
+    return parse_int
+  if default is None:
+    return str
+  return type(default)
