@@ -158,13 +158,10 @@ class Dreamer:
     return self.dynamics.get_feat(states)
 
   def behavior_losses(self, imag_feat):
-    """Steps 7-10 from one forward pass of the heads over the imagined
-    features: the value head's output feeds both the returns (actor loss)
-    and the value loss (the reference runs that forward pass twice)."""
+    """Steps 7-10: actor and value losses from the imagined features."""
     c = self.config
     reward = self.reward(imag_feat).mode()
-    value_dist = self.value(imag_feat)
-    value = value_dist.mode()
+    value = self.value(imag_feat).mode()
     if self.pcont:
       pcont = self.pcont(imag_feat).mean()
     else:
@@ -175,7 +172,9 @@ class Dreamer:
     weight = tf.stop_gradient(tf.math.cumprod(
         tf.concat([tf.ones_like(pcont[:1]), pcont[:-2]], 0), 0))
     actor_loss = -tf.reduce_mean(weight * returns)
-    value_pred = tfd.Independent(tfd.Normal(value_dist.mean()[:-1], 1.0), 0)
+    # The value head sees the features without gradient, so the value loss
+    # reaches the value head only (the reference's separate value tape).
+    value_pred = self.value(tf.stop_gradient(imag_feat)[:-1])
     value_loss = -tf.reduce_mean(
         weight * value_pred.log_prob(tf.stop_gradient(returns)))
     return actor_loss, value_loss
