@@ -5,11 +5,24 @@
 Every key of `define_config()` is a command-line flag.
 """
 
+import argparse
+import functools
+import json
 import os
+import pathlib
+import random
+import sys
+import time
+import types
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-import types  # noqa: E402
+import numpy as np  # noqa: E402
+
+import wrappers  # noqa: E402  (never imports TensorFlow; workers import it)
+
+# TensorFlow is imported inside main() only: spawned environment workers may
+# import this module, and TensorFlow must never load next to EGL rendering.
 
 
 def define_config():
@@ -70,3 +83,289 @@ def define_config():
   c.expl_decay = 0.0         # Halve the amount every N steps (0: constant).
   c.expl_min = 0.0           # Floor of the decayed amount.
   return c
+
+
+# Atari needs discrete actions and a continuation head; the reference's
+# defaults crash there (DESIGN.md section 9). Flags given still win.
+ATARI_DEFAULTS = dict(action_dist='onehot', pcont=True, expl='epsilon_greedy')
+
+CHOICES = dict(
+    precision=(16, 32), parallel=('none', 'process'),
+    clip_rewards=('none', 'tanh'), action_dist=('tanh_normal', 'onehot'),
+    expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'),
+    dense_act=('elu', 'relu', 'tanh', 'swish', 'gelu', 'leaky_relu'),
+    cnn_act=('elu', 'relu', 'tanh', 'swish', 'gelu', 'leaky_relu'))
+
+
+def parse_args(argv=None):
+  """Flags -> config: defaults, then task defaults (Atari), then the flags
+  given on the command line."""
+  import dreamer_tf
+  dreamer_tf.quiet_tensorflow()
+  import tools
+  defaults = vars(define_config())
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0], allow_abbrev=False)
+  for key, value in defaults.items():
+    parser.add_argument(f'--{key}', type=tools.args_type(value),
+                        default=argparse.SUPPRESS, help=f'default: {value}')
+  given = vars(parser.parse_args(argv))
+  config = dict(defaults)
+  task = given.get('task', config['task'])
+  if task.startswith('atari_'):
+    config.update(ATARI_DEFAULTS)
+  config.update(given)
+  return types.SimpleNamespace(**config)
+
+
+def check_config(config):
+  """Fails fast, with one line naming the problem and the fix."""
+  if not config.logdir:
+    raise ValueError('--logdir is required, e.g. --logdir ./logdir/'
+                     f'{config.task}/dreamer/0')
+  for key, options in CHOICES.items():
+    if getattr(config, key) not in options:
+      raise ValueError(f'--{key} {getattr(config, key)!r} is not one of '
+                       f'{", ".join(map(str, options))}.')
+  wrappers.check_task(config.task)
+  if config.task.startswith('atari_') and config.action_dist != 'onehot':
+    raise ValueError('Atari has discrete actions: use --action_dist onehot.')
+  if config.task.startswith('dmc_') and config.action_dist == 'onehot':
+    raise ValueError('DeepMind Control has continuous actions: use '
+                     '--action_dist tanh_normal.')
+  if config.expl == 'epsilon_greedy' and config.action_dist != 'onehot':
+    raise ValueError('--expl epsilon_greedy needs --action_dist onehot.')
+  for key in ('batch_size', 'batch_length', 'envs', 'action_repeat',
+              'time_limit', 'horizon', 'steps'):
+    if getattr(config, key) < 1:
+      raise ValueError(f'--{key} must be at least 1.')
+  if config.batch_length < 2:
+    raise ValueError('--batch_length must be at least 2.')
+  if config.batch_length > config.time_limit // config.action_repeat + 1:
+    raise ValueError(
+        f'--batch_length {config.batch_length} is longer than an episode '
+        f'({config.time_limit // config.action_repeat + 1} steps with '
+        f'--time_limit {config.time_limit}): no training window would fit.')
+  if config.task.startswith('dmc_'):
+    wrappers.check_rendering()
+
+
+def make_envs(config, train):
+  """Training environments (each env its own worker with --parallel
+  process) or the one evaluation environment."""
+  count = config.envs if train else 1
+  ctors = [functools.partial(
+      wrappers.make_env, config.task, action_repeat=config.action_repeat,
+      time_limit=config.time_limit, seed=config.seed + index + (
+          0 if train else 10_000), train=train) for index in range(count)]
+  return wrappers.Envs(ctors, config.parallel if train else 'none')
+
+
+def seed_everything(seed):
+  import tensorflow as tf
+  random.seed(seed)
+  np.random.seed(seed)
+  tf.random.set_seed(seed)
+
+
+def setup_tensorflow(config):
+  import tensorflow as tf
+  if config.gpu_growth:
+    for gpu in tf.config.list_physical_devices('GPU'):
+      tf.config.experimental.set_memory_growth(gpu, True)
+
+
+class Run:
+  """One training run in a logdir: replay, agent, checkpoint and logs."""
+
+  def __init__(self, config):
+    import tensorflow as tf
+
+    import tools
+    from dreamer_tf import agent as agent_lib
+    from dreamer_tf import replay
+    self.config = c = config
+    self.logdir = pathlib.Path(c.logdir).expanduser()
+    self.datadir = self.logdir / 'episodes'
+    self.datadir.mkdir(parents=True, exist_ok=True)
+    self._replay, self._tools, self._agent_lib = replay, tools, agent_lib
+    self.step = replay.count_steps(self.datadir, c.action_repeat)
+    self.logger = tools.Logger(self.logdir)
+    self.train_envs = make_envs(c, train=True)
+    self.eval_env = make_envs(c, train=False)
+    space = self.train_envs.action_space
+    self.act_dim = space.shape[0]
+    self.agent = agent_lib.Dreamer(c, self.act_dim)
+    self.actor = agent_lib.Actor(self.agent)
+    self.ckpt_step = tf.Variable(0, dtype=tf.int64, name='step')
+    opts = (self.agent.model_opt, self.agent.actor_opt, self.agent.value_opt)
+    self.checkpoint = tf.train.Checkpoint(
+        step=self.ckpt_step, encoder=self.agent.encoder,
+        dynamics=self.agent.dynamics, decoder=self.agent.decoder,
+        reward=self.agent.reward, value=self.agent.value,
+        actor=self.agent.actor, **({'pcont': self.agent.pcont}
+                                   if self.agent.pcont else {}),
+        **{f'{o.name}_opt_{k}': v for o in opts
+           for k, v in o.checkpoint_items().items()})
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, self.logdir / 'checkpoints', max_to_keep=2)
+    self.restored = False
+    if self.manager.latest_checkpoint:
+      self.checkpoint.restore(self.manager.latest_checkpoint).expect_partial()
+      self.restored = True
+      # The checkpoint counts the steps of the unfinished episode at save
+      # time too; episodes stored after the save count when there are more.
+      self.step = max(self.step, int(self.ckpt_step))
+    self._dataset = None
+    self._should_train = tools.Every(c.train_every)
+    self._should_log = tools.Every(c.log_every)
+    self._state = None
+    self._last_log = (self.step, time.time())
+
+  def close(self):
+    self.train_envs.close()
+    self.eval_env.close()
+
+  # --- The loop, top to bottom. ---
+
+  def train_loop(self):
+    c = self.config
+    if self.restored:
+      print(f'Resumed from {self.manager.latest_checkpoint} at step '
+            f'{self.step} ({int(self.agent.model_opt.iterations)} updates).')
+    if self.step < c.prefill:
+      self.prefill(c.prefill - self.step)
+    while self.step < c.steps:
+      self.evaluate()
+      self.collect(min(c.eval_every, c.steps - self.step))
+      self.save()
+    print(f'Done: {self.step} environment steps.')
+
+  def prefill(self, steps):
+    rng = np.random.default_rng(self.config.seed)
+    space = self.train_envs.action_space
+    def policy(images, reset, state):
+      return [wrappers.random_action(space, rng) for _ in images], state
+    self._simulate(policy, steps, 'prefill', train=True, state=None)
+
+  def collect(self, steps):
+    def policy(images, reset, state):
+      self.maybe_train()
+      amount = self._agent_lib.expl_amount(self.config, self.step)
+      actions, state = self.actor(images, reset, state, True, amount)
+      return actions.numpy(), state
+    self._state = self._simulate(policy, steps, 'train', True, self._state)
+
+  def evaluate(self):
+    frames = []
+    def policy(images, reset, state):
+      frames.append(images[0])
+      actions, state = self.actor(
+          images, reset, state, False, self.config.eval_noise)
+      return actions.numpy(), state
+    self._simulate(policy, 0, 'eval', train=False, state=None)
+    self.logger.video('test/policy', np.stack(frames))
+    self.logger.write(self.step)
+
+  def maybe_train(self):
+    c = self.config
+    if not self._should_train(self.step):
+      return
+    first = int(self.agent.model_opt.iterations) == 0
+    count = c.pretrain if first else c.train_steps
+    dataset = self.dataset()
+    bar = self._bar(count, 'pretrain' if first else 'train', 'update')
+    for _ in range(count):
+      batch = next(dataset)
+      metrics = self.agent.train(batch)
+      bar.update(1)
+      if c.log_scalars:
+        for name, value in metrics.items():
+          self.logger.scalar(name, value)
+    bar.close()
+    if self._should_log(self.step):
+      if c.log_images:
+        self.logger.video('train/openl', self._agent_lib.open_loop_video(
+            self.agent, batch).numpy())
+      self._write_logs()
+
+  def dataset(self):
+    if self._dataset is None:
+      c = self.config
+      self._dataset = iter(self._replay.make_dataset(
+          self.datadir, c.batch_size, c.batch_length, c.dataset_balance,
+          c.seed))
+    return self._dataset
+
+  def save(self):
+    self._write_logs()
+    self.ckpt_step.assign(self.step)
+    path = self.manager.save()
+    print(f'Saved {path} at step {self.step}.')
+
+  # --- Helpers. ---
+
+  def _simulate(self, policy, steps, mode, train, state):
+    c = self.config
+    envs = self.train_envs if train else self.eval_env
+    def on_episode(index, episode):
+      length = len(episode['reward']) - 1
+      score = float(episode['reward'].sum())
+      if train:
+        self._replay.save_episode(self.datadir, episode)
+      prefix = 'test' if mode == 'eval' else 'train'
+      self.logger.scalar(f'{prefix}/return', score)
+      self.logger.scalar(f'{prefix}/length', length * c.action_repeat)
+      bar.write(f'[{self.step}] {prefix}/return {score:.1f} '
+                f'({length * c.action_repeat} steps)')
+    def on_step(count):
+      bar.update(count * c.action_repeat)
+      if train:
+        self.step += count * c.action_repeat
+    total = steps * c.action_repeat if steps else None
+    bar = self._bar(total, mode, 'step')
+    steps = -(-steps // c.action_repeat) if steps else 0
+    state = self._tools.simulate(policy, envs, steps=steps,
+                                 episodes=0 if steps else 1, state=state,
+                                 on_episode=on_episode, on_step=on_step)
+    bar.close()
+    if mode == 'prefill':
+      self._write_logs()
+    return state
+
+  def _write_logs(self):
+    last_step, last_time = self._last_log
+    now = time.time()
+    if self.step > last_step:
+      self.logger.scalar('fps', (self.step - last_step) / (now - last_time))
+    self._last_log = (self.step, now)
+    self.logger.write(self.step)
+
+  def _bar(self, total, desc, unit):
+    import tqdm
+    return tqdm.tqdm(total=total, desc=desc, unit=unit, leave=False,
+                     dynamic_ncols=True, disable=None, file=sys.stdout)
+
+
+def main(argv=None):
+  try:
+    config = parse_args(argv)
+    check_config(config)
+  except (ValueError, RuntimeError) as error:
+    sys.exit(f'dreamer.py: error: {error}')
+  logdir = pathlib.Path(config.logdir).expanduser()
+  logdir.mkdir(parents=True, exist_ok=True)
+  with (logdir / 'config.json').open('w') as f:
+    json.dump(vars(config), f, indent=2)
+  setup_tensorflow(config)
+  seed_everything(config.seed)
+  print(f'Logdir {logdir}, task {config.task}.')
+  run = Run(config)
+  try:
+    run.train_loop()
+  finally:
+    run.close()
+
+
+if __name__ == '__main__':
+  main()

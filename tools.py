@@ -5,7 +5,12 @@ Everything here is a small pure function or a small class. Shapes follow the
 reference: `static_scan` and `lambda_return` work on time-major tensors.
 """
 
+import collections
+import io
+import json
+import pathlib
 import re
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -244,6 +249,110 @@ class Optimizer:
     self.loss_scale.assign(scale)
     self._good_steps.assign(
         tf.where(finite & ~grow, self._good_steps + 1, tf.constant(0, tf.int64)))
+
+
+# ----------------------------------------------------------------------------
+# Acting in environments.
+
+def simulate(policy, envs, steps=0, episodes=0, state=None, on_episode=None,
+             on_step=None):
+  """Steps every environment of `envs` (a wrappers.Envs) with `policy` until
+  `steps` agent steps (summed over envs) or `episodes` finished episodes.
+
+  `policy(images uint8 [N, H, W, C], reset bool [N], agent_state)` returns
+  (actions [N, A], agent_state). `on_episode(index, episode)` receives each
+  finished episode (a dict of arrays from the Collect wrapper);
+  `on_step(count)` is told how many agent steps were just taken. Returns the
+  state to pass back in to continue the same episodes later.
+  """
+  count = len(envs)
+  if state is None:
+    state = dict(obs=[None] * count, done=np.ones(count, bool), agent=None)
+  obs, done, agent_state = state['obs'], state['done'], state['agent']
+  step = episode = 0
+  while (steps and step < steps) or (episodes and episode < episodes):
+    reset = done.copy()
+    for index in np.flatnonzero(done):
+      obs[index] = envs.reset(index)
+    images = np.stack([o['image'] for o in obs])
+    actions, agent_state = policy(images, reset, agent_state)
+    results = envs.step([np.asarray(a) for a in actions])
+    step += count
+    if on_step:
+      on_step(count)
+    for index, (ob, _, is_done, info) in enumerate(results):
+      obs[index], done[index] = ob, is_done
+      if is_done:
+        episode += 1
+        if on_episode:
+          on_episode(index, info['episode'])
+  return dict(obs=obs, done=done, agent=agent_state)
+
+
+# ----------------------------------------------------------------------------
+# Logging.
+
+class Logger:
+  """Scalars to `<logdir>/metrics.jsonl` (one JSON object per line with
+  `step`) and to TensorBoard; videos to `<logdir>/videos/<name>-<step>.mp4`
+  and to TensorBoard as animated GIFs. Scalars given between two `write`
+  calls are averaged."""
+
+  def __init__(self, logdir):
+    self._logdir = pathlib.Path(logdir)
+    self._writer = tf.summary.create_file_writer(str(self._logdir))
+    self._scalars = collections.defaultdict(list)
+    self._videos = {}
+
+  def scalar(self, name, value):
+    self._scalars[name].append(float(value))
+
+  def video(self, name, frames):
+    self._videos[name] = np.asarray(frames)
+
+  def write(self, step):
+    """Writes what was collected since the last call; returns the scalars."""
+    scalars = {k: float(np.mean(v)) for k, v in self._scalars.items()}
+    videos, self._scalars, self._videos = self._videos, \
+        collections.defaultdict(list), {}
+    if scalars:
+      with (self._logdir / 'metrics.jsonl').open('a') as f:
+        f.write(json.dumps(dict(step=int(step), **scalars)) + '\n')
+    with self._writer.as_default():
+      for name, value in scalars.items():
+        tf.summary.scalar(name, value, step)
+      for name, frames in videos.items():
+        write_video(self._logdir / 'videos' / f'{name.replace("/", "_")}-'
+                    f'{step}.mp4', frames)
+        _gif_summary(name, frames, step)
+    self._writer.flush()
+    return scalars
+
+
+def write_video(path, frames, fps=20):
+  """Writes uint8 frames [T, H, W, C] as an MP4 through imageio's bundled
+  ffmpeg; falls back to a GIF (and says so) when MP4 cannot be written."""
+  import imageio
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=1)
+  except Exception as error:  # pylint: disable=broad-except
+    path = path.with_suffix('.gif')
+    imageio.mimwrite(path, list(frames), duration=1000 / fps, loop=0)
+    print(f'Could not write MP4 ({error}); wrote {path} instead.')
+  return path
+
+
+def _gif_summary(name, frames, step):
+  import imageio
+  buffer = io.BytesIO()
+  imageio.mimwrite(buffer, list(frames), format='GIF', duration=50, loop=0)
+  height, width = frames.shape[1:3]
+  metadata = tf.compat.v1.SummaryMetadata()
+  metadata.plugin_data.plugin_name = 'images'
+  tensor = tf.constant([str(width), str(height), buffer.getvalue()])
+  tf.summary.write(name, tensor, step, metadata=metadata)
 
 
 # ----------------------------------------------------------------------------

@@ -178,3 +178,90 @@ class Dreamer:
     value_loss = -tf.reduce_mean(
         weight * value_pred.log_prob(tf.stop_gradient(returns)))
     return actor_loss, value_loss
+
+
+class Actor:
+  """Acting with a Dreamer agent (DESIGN.md section 5), batched over N envs.
+
+  `__call__(image, reset, state, training, amount)` takes images uint8
+  [N, 64, 64, 3], a bool reset mask [N] (the latent and previous action of
+  those envs are zeroed), the state returned by the previous call (or None),
+  and returns float32 actions [N, A] and the new state. Training samples the
+  actor and explores with `amount`; evaluation takes the mode and explores
+  only when `amount` > 0 (eval_noise).
+  """
+
+  def __init__(self, agent):
+    self._agent = agent
+    self._discrete = agent.config.action_dist == 'onehot'
+    self._expl = agent.config.expl
+    self._step = tf.function(self._policy)
+
+  def __call__(self, image, reset, state, training, amount):
+    if state is None:
+      state = self._initial(len(image))
+    return self._step(tf.constant(image), tf.constant(reset), state,
+                      bool(training), tf.constant(amount, tf.float32))
+
+  def _initial(self, batch):
+    agent = self._agent
+    return agent.dynamics.initial(batch), tf.zeros([batch, agent.act_dim])
+
+  def _policy(self, image, reset, state, training, amount):
+    agent = self._agent
+    keep = 1.0 - tf.cast(reset, tf.float32)[:, None]
+    latent, action = tf.nest.map_structure(lambda x: x * keep, state)
+    embed = agent.encoder(agent.preprocess({'image': image})['image'])
+    latent, _ = agent.dynamics.obs_step(latent, action, embed)
+    dist = agent.actor(agent.dynamics.get_feat(latent))
+    action = dist.sample() if training else dist.mode()
+    action = tf.cond(amount > 0, lambda: self._explore(action, amount),
+                     lambda: action)
+    return action, (latent, action)
+
+  def _explore(self, action, amount):
+    if self._expl == 'additive_gaussian':
+      noisy = action + amount * tf.random.normal(tf.shape(action))
+      return tf.clip_by_value(noisy, -1, 1)
+    if self._expl == 'completely_random':
+      if self._discrete:
+        return random_onehot(tf.shape(action))
+      return tf.random.uniform(tf.shape(action), -1, 1)
+    if self._expl == 'epsilon_greedy':
+      pick = tf.random.uniform(tf.shape(action)[:1]) < amount
+      return tf.where(pick[:, None], random_onehot(tf.shape(action)), action)
+    raise ValueError(f'Unknown expl {self._expl!r}.')
+
+
+def random_onehot(shape):
+  indices = tf.random.uniform(shape[:1], 0, shape[1], tf.int32)
+  return tf.one_hot(indices, shape[1], dtype=tf.float32)
+
+
+def expl_amount(config, step):
+  """Exploration amount at `step`: expl_amount * 0.5 ** (step / expl_decay)
+  when expl_decay > 0, never below expl_min."""
+  amount = config.expl_amount
+  if config.expl_decay:
+    amount *= 0.5 ** (step / config.expl_decay)
+  return max(amount, config.expl_min)
+
+
+def open_loop_video(agent, data, context=5, count=6):
+  """Open-loop prediction video of the first `count` sequences: rows truth,
+  model (reconstruction for `context` steps, then imagined from the
+  actions) and error; uint8 [T, 3 * 64, count * 64, 3]."""
+  data = agent.preprocess({k: v[:count] for k, v in data.items()})
+  embed = agent.encoder(data['image'])
+  post, _ = agent.dynamics.observe(embed[:, :context],
+                                   data['action'][:, :context])
+  recon = agent.decoder(agent.dynamics.get_feat(post)).mode()
+  start = {k: v[:, -1] for k, v in post.items()}
+  prior = agent.dynamics.imagine(data['action'][:, context:], start)
+  openl = agent.decoder(agent.dynamics.get_feat(prior)).mode()
+  truth = data['image'] + 0.5
+  model = tf.concat([recon, openl], 1) + 0.5
+  error = (model - truth + 1) / 2
+  video = tf.concat([truth, model, error], 2)           # [N, T, 3H, W, C]
+  video = tf.concat(tf.unstack(video, axis=0), 2)       # [T, 3H, N*W, C]
+  return tf.cast(tf.clip_by_value(video, 0, 1) * 255, tf.uint8)

@@ -1,0 +1,116 @@
+"""Speed and memory of the train step at the default sizes, on random data.
+
+  python -m dreamer_tf.bench [--batch_size 50] [--batch_length 50] [--steps 5]
+                             [--precision both|32|16] [--json]
+
+Builds the agent for the default task's spaces (64x64x3 images, 6 continuous
+action dims, no pcont) and prints a table: parameter counts, time to the end
+of the first train step (tracing included), median seconds per train step
+after one more warm-up step, and peak resident memory. Each precision runs in
+its own subprocess so that one's memory does not inflate the other's. With
+--json the last line is one JSON object.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+ACT_DIM = 6
+
+
+def measure(precision, batch_size, batch_length, steps):
+  """Runs in the child process: returns the row for one precision."""
+  import numpy as np
+
+  import dreamer_tf
+  dreamer_tf.quiet_tensorflow()
+  import tensorflow as tf
+
+  import dreamer
+  from dreamer_tf.agent import Dreamer
+
+  config = dreamer.define_config()
+  config.precision = precision
+  agent = Dreamer(config, ACT_DIM)
+  rng = np.random.default_rng(0)
+  shape = (batch_size, batch_length)
+  data = dict(
+      image=tf.constant(rng.integers(0, 256, shape + (64, 64, 3)), tf.uint8),
+      action=tf.constant(rng.uniform(-1, 1, shape + (ACT_DIM,)), tf.float32),
+      reward=tf.constant(rng.normal(size=shape), tf.float32),
+      discount=tf.ones(shape, tf.float32))
+  start = time.perf_counter()
+  agent.train(data)['model_loss'].numpy()
+  first = time.perf_counter() - start
+  agent.train(data)['model_loss'].numpy()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    agent.train(data)['model_loss'].numpy()
+    times.append(time.perf_counter() - start)
+  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return dict(
+      precision=precision, policy=agent.policy, first_step_s=round(first, 2),
+      step_s_median=round(float(np.median(times)), 3),
+      step_s_all=[round(t, 3) for t in times], peak_rss_mb=round(peak_mb),
+      params=agent.param_counts())
+
+
+def run_child(precision, args):
+  command = [sys.executable, '-m', 'dreamer_tf.bench', '--child', str(precision),
+             '--batch_size', str(args.batch_size), '--batch_length',
+             str(args.batch_length), '--steps', str(args.steps)]
+  result = subprocess.run(command, capture_output=True, text=True)
+  if result.returncode != 0:
+    sys.exit(f'bench: precision {precision} failed:\n{result.stderr[-2000:]}')
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch_size', type=int, default=50)
+  parser.add_argument('--batch_length', type=int, default=50)
+  parser.add_argument('--steps', type=int, default=5, help='timed steps')
+  parser.add_argument('--precision', choices=['32', '16', 'both'],
+                      default='both')
+  parser.add_argument('--json', action='store_true')
+  parser.add_argument('--child', type=int, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.steps < 1:
+    parser.error('--steps must be at least 1')
+  if args.child:
+    row = measure(args.child, args.batch_size, args.batch_length, args.steps)
+    print(json.dumps(row))
+    return
+  precisions = [32, 16] if args.precision == 'both' else [int(args.precision)]
+  rows = []
+  for precision in precisions:
+    print(f'measuring precision {precision} ({args.batch_size}x'
+          f'{args.batch_length}, {args.steps} timed steps)...', file=sys.stderr)
+    rows.append(run_child(precision, args))
+  params = rows[0].pop('params')
+  for row in rows[1:]:
+    row.pop('params')
+  print(f'parameters: model {params["model"]:,}  actor {params["actor"]:,}  '
+        f'value {params["value"]:,}')
+  print(f'batch {args.batch_size} x {args.batch_length}, median of '
+        f'{args.steps} steps')
+  header = ('precision', 'policy', 'first step s', 'step s (median)',
+            'peak RSS MB')
+  print('  '.join(f'{h:>15}' for h in header))
+  for row in rows:
+    cells = (row['precision'], row['policy'], row['first_step_s'],
+             row['step_s_median'], row['peak_rss_mb'])
+    print('  '.join(f'{c:>15}' for c in cells))
+  if args.json:
+    print(json.dumps(dict(params=params, rows=rows)))
+
+
+if __name__ == '__main__':
+  main()
