@@ -97,6 +97,13 @@ CHOICES = dict(
     cnn_act=('elu', 'relu', 'tanh', 'swish', 'gelu', 'leaky_relu'))
 
 
+class OneLineErrors(argparse.ArgumentParser):
+  """Reports a bad flag in one line instead of the whole usage text."""
+
+  def error(self, message):
+    raise ValueError(f'{message} (see --help)')
+
+
 def parse_args(argv=None):
   """Flags -> config: defaults, then task defaults (Atari), then the flags
   given on the command line."""
@@ -104,7 +111,7 @@ def parse_args(argv=None):
   dreamer_tf.quiet_tensorflow()
   import tools
   defaults = vars(define_config())
-  parser = argparse.ArgumentParser(
+  parser = OneLineErrors(
       description=__doc__.split('\n\n')[0], allow_abbrev=False)
   for key, value in defaults.items():
     parser.add_argument(f'--{key}', type=tools.args_type(value),

@@ -394,21 +394,21 @@ def args_type(default):
   """argparse `type` for a flag whose default is `default`: booleans accept
   true/false/1/0, ints accept scientific notation like 5e6 when integral."""
   if isinstance(default, bool):
-    def parse_bool(text):
+    def boolean(text):
       lowered = text.lower()
       if lowered in ('true', '1', 'yes'):
         return True
       if lowered in ('false', '0', 'no'):
         return False
       raise ValueError(f'expected true or false, got {text!r}')
-    return parse_bool
+    return boolean
   if isinstance(default, int):
-    def parse_int(text):
+    def integer(text):
       number = float(text)
       if number != int(number):
         raise ValueError(f'expected an integer, got {text!r}')
       return int(number)
-    return parse_int
+    return integer
   if default is None:
     return str
   return type(default)

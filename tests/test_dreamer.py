@@ -1,0 +1,126 @@
+"""The real script, run as a user runs it, with tiny sizes."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ('--batch_size 4 --batch_length 10 --prefill 500 --train_every 500 '
+        '--train_steps 2 --pretrain 2 --eval_every 1000 --log_every 500 '
+        '--time_limit 200 --cnn_depth 4 --deter_size 16 --stoch_size 4 '
+        '--num_units 16 --precision 32').split()
+
+
+def run(*args, env=None, timeout=600):
+  result = subprocess.run(
+      [sys.executable, 'dreamer.py', *map(str, args)], cwd=ROOT,
+      capture_output=True, text=True, timeout=timeout,
+      env=dict(os.environ, **(env or {})))
+  return result
+
+
+def read_metrics(logdir):
+  lines = (logdir / 'metrics.jsonl').read_text().splitlines()
+  return [json.loads(line) for line in lines]
+
+
+def updates(logdir):
+  """Model optimizer iterations stored in the latest checkpoint."""
+  import tensorflow as tf
+  reader = tf.train.load_checkpoint(str(logdir / 'checkpoints'))
+  keys = [k for k in reader.get_variable_to_shape_map()
+          if k.startswith('model_opt_adam/') and 'iteration' in k]
+  assert len(keys) == 1, keys
+  return int(reader.get_tensor(keys[0]))
+
+
+def test_dmc_end_to_end_then_resume(tmp_path):
+  logdir = tmp_path / 'dmc_cartpole_balance' / 'dreamer' / '0'
+  first = run('--logdir', logdir, '--task', 'dmc_cartpole_balance', *TINY,
+              '--steps', 1500)
+  assert first.returncode == 0, first.stderr[-3000:]
+  episodes = sorted((logdir / 'episodes').glob('*.npz'))
+  # 1500 steps at 200 per episode: 7 finished episodes of 100 agent steps.
+  assert len(episodes) == 7
+  with np.load(episodes[0]) as episode:
+    assert episode['image'].shape == (101, 64, 64, 3)
+    assert episode['action'].shape == (101, 1)
+  metrics = read_metrics(logdir)
+  assert any('train/return' in m for m in metrics)
+  assert any('test/return' in m for m in metrics)
+  assert any('model_loss' in m and np.isfinite(m['model_loss'])
+             for m in metrics)
+  assert all('step' in m for m in metrics)
+  assert list(logdir.glob('events.out.tfevents.*'))
+  assert list((logdir / 'videos').glob('*.mp4'))
+  assert (logdir / 'checkpoints' / 'checkpoint').exists()
+  # Pretraining (2) at step 500 and training (2) at step 1000.
+  assert updates(logdir) == 4
+
+  second = run('--logdir', logdir, '--task', 'dmc_cartpole_balance', *TINY,
+               '--steps', 2500)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'Resumed from' in second.stdout and 'at step 1500' in second.stdout
+  # No second prefill: every new episode came from the policy, after 1500.
+  new = sorted(set((logdir / 'episodes').glob('*.npz')) - set(episodes))
+  assert len(new) == 5
+  # No second pretraining: 2 updates at 1500 and 2 at 2000, not 2 + pretrain.
+  assert updates(logdir) == 8
+  steps = [m['step'] for m in read_metrics(logdir)]
+  assert max(steps) == 2500 and steps == sorted(steps)
+
+
+def test_atari_end_to_end(tmp_path):
+  logdir = tmp_path / 'atari_pong'
+  flags = [f for f in TINY if f not in ('--time_limit', '200')]
+  result = run('--logdir', logdir, '--task', 'atari_pong', *flags,
+               '--action_repeat', 4, '--time_limit', 400, '--steps', 1200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  config = json.loads((logdir / 'config.json').read_text())
+  assert (config['action_dist'], config['pcont'], config['expl']) == (
+      'onehot', True, 'epsilon_greedy')
+  episodes = sorted((logdir / 'episodes').glob('*.npz'))
+  assert episodes
+  with np.load(episodes[0]) as episode:
+    assert episode['image'].shape[1:] == (64, 64, 3)
+    assert episode['action'].shape[1] == 6
+    assert set(episode['action'].sum(-1)[1:]) == {1.0}
+  assert any('test/return' in m for m in read_metrics(logdir))
+  assert updates(logdir) > 0
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--precision', '8'], '--precision'),
+    (['--action_dist', 'foo'], '--action_dist'),
+    (['--task', 'dmc_nothing_here'], 'dmc_nothing_here'),
+    (['--task', 'atari_nogame'], 'atari_nogame'),
+    (['--steps', 'many'], '--steps'),
+    (['--batch_length', '500', '--time_limit', '200'], 'batch_length'),
+])
+def test_bad_input_is_one_clear_line(tmp_path, flags, message):
+  result = run('--logdir', tmp_path / 'run', *flags, timeout=120)
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) <= 3 and message in result.stderr, result.stderr
+  assert not (tmp_path / 'run').exists()  # Nothing heavy started.
+
+
+def test_missing_rendering_backend_names_the_packages(tmp_path):
+  result = run('--logdir', tmp_path / 'run', env={'MUJOCO_GL': 'osmesa'},
+               timeout=120)
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert 'libosmesa6' in result.stderr, result.stderr
+
+
+def test_worker_modules_do_not_import_tensorflow():
+  code = ('import sys, dreamer, wrappers; '
+          'assert "tensorflow" not in sys.modules, "tensorflow imported"')
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
