@@ -99,13 +99,21 @@ def check_task(task):
 
 
 def check_rendering():
-  """Raises RuntimeError if MUJOCO_GL is egl (the default here) and libEGL
-  cannot be found."""
-  if os.environ.get('MUJOCO_GL', 'egl') == 'egl':
-    if not ctypes.util.find_library('EGL'):
-      raise RuntimeError(
-          'MUJOCO_GL=egl but libEGL was not found; install the Debian '
-          'packages libegl1 libegl-mesa0 libgl1-mesa-dri.')
+  """Raises RuntimeError, naming the Debian packages to install, when the
+  library of the MUJOCO_GL backend (egl by default) cannot be found."""
+  backend = os.environ.get('MUJOCO_GL', 'egl')
+  needs = dict(egl=('EGL', 'libegl1 libegl-mesa0 libgl1-mesa-dri'),
+               osmesa=('OSMesa', 'libosmesa6'),
+               glfw=('glfw', 'libglfw3 and a display'))
+  if backend not in needs:
+    raise RuntimeError(
+        f'MUJOCO_GL={backend} is not a rendering backend: use egl (default), '
+        'osmesa or glfw.')
+  library, packages = needs[backend]
+  if not ctypes.util.find_library(library):
+    raise RuntimeError(
+        f'MUJOCO_GL={backend} but lib{library} was not found: install the '
+        f'Debian packages {packages}, or use MUJOCO_GL=egl.')
 
 
 # ---------------------------------------------------------------------------
