@@ -38,6 +38,9 @@ def define_config():
   c.log_images = True        # Write open-loop prediction videos.
   c.gpu_growth = True        # Let TensorFlow grow GPU memory as needed.
   c.precision = 16           # 16: mixed bfloat16 on CPU, float16 on GPU; 32.
+  c.mode = 'train'           # train, or eval: evaluate <logdir>'s checkpoint.
+  c.eval_episodes = 10       # Episodes of --mode eval.
+  c.preset = 'none'          # none, cpu or debug (see PRESETS); flags win.
   # Environment.
   c.task = 'dmc_walker_walk'  # dmc_<domain>_<task> or atari_<game>.
   c.envs = 1                 # Parallel training environments.
@@ -89,9 +92,30 @@ def define_config():
 # defaults crash there (DESIGN.md section 9). Flags given still win.
 ATARI_DEFAULTS = dict(action_dist='onehot', pcont=True, expl='epsilon_greedy')
 
+# Named groups of flag values. Order: defaults, preset, Atari defaults, then
+# the flags given on the command line.
+PRESETS = dict(
+    none={},
+    # The tiny sizes of the tests: runs in about a minute, learns nothing.
+    debug=dict(
+        batch_size=4, batch_length=10, prefill=500, train_every=500,
+        train_steps=2, pretrain=2, eval_every=1000, log_every=500,
+        time_limit=200, cnn_depth=4, deter_size=16, stoch_size=4,
+        num_units=16, precision=32, steps=1500),
+    # A run that fits 2 CPU cores and about an hour (docs/reproduce.md).
+    cpu=dict(
+        batch_size=16, batch_length=50, train_steps=50, pretrain=50,
+        eval_every=2000, steps=40000),
+)
+
+# What --mode eval may change; the rest comes from the run's config.json.
+EVAL_FLAGS = ('logdir', 'mode', 'eval_episodes', 'eval_noise', 'seed',
+              'precision', 'gpu_growth', 'parallel')
+
 CHOICES = dict(
-    precision=(16, 32), parallel=('none', 'process'),
-    clip_rewards=('none', 'tanh'), action_dist=('tanh_normal', 'onehot'),
+    precision=(16, 32), parallel=('none', 'process'), mode=('train', 'eval'),
+    preset=tuple(PRESETS), clip_rewards=('none', 'tanh'),
+    action_dist=('tanh_normal', 'onehot'),
     expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'),
     dense_act=('elu', 'relu', 'tanh', 'swish', 'gelu', 'leaky_relu'),
     cnn_act=('elu', 'relu', 'tanh', 'swish', 'gelu', 'leaky_relu'))
@@ -105,8 +129,7 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-  """Flags -> config: defaults, then task defaults (Atari), then the flags
-  given on the command line."""
+  """Flags -> config (see PRESETS for the order in which values apply)."""
   import dreamer_tf
   dreamer_tf.quiet_tensorflow()
   import tools
@@ -117,11 +140,37 @@ def parse_args(argv=None):
     parser.add_argument(f'--{key}', type=tools.args_type(value),
                         default=argparse.SUPPRESS, help=f'default: {value}')
   given = vars(parser.parse_args(argv))
+  if given.get('mode') == 'eval':
+    return eval_config(defaults, given)
   config = dict(defaults)
-  task = given.get('task', config['task'])
-  if task.startswith('atari_'):
+  preset = given.get('preset', 'none')
+  if preset not in PRESETS:
+    raise ValueError(f'--preset {preset!r} is not one of {", ".join(PRESETS)}.')
+  config.update(PRESETS[preset])
+  if given.get('task', config['task']).startswith('atari_'):
     config.update(ATARI_DEFAULTS)
   config.update(given)
+  return types.SimpleNamespace(**config)
+
+
+def eval_config(defaults, given):
+  """The stored config of the run in --logdir with the flags of EVAL_FLAGS
+  given on the command line; any other flag must match the stored value."""
+  logdir = pathlib.Path(given.get('logdir') or '.').expanduser()
+  stored_path = logdir / 'config.json'
+  if not stored_path.exists():
+    raise ValueError(f'--mode eval needs a training run in --logdir: '
+                     f'{stored_path} does not exist.')
+  if not (logdir / 'checkpoints' / 'checkpoint').exists():
+    raise ValueError(f'no checkpoint in {logdir / "checkpoints"}: train '
+                     'first (a checkpoint is saved after each evaluation).')
+  config = dict(defaults, **json.loads(stored_path.read_text()))
+  for key, value in given.items():
+    if key in EVAL_FLAGS:
+      config[key] = value
+    elif value != config[key]:
+      raise ValueError(f'--{key} cannot change in --mode eval: this run was '
+                       f'trained with {config[key]!r}.')
   return types.SimpleNamespace(**config)
 
 
@@ -182,6 +231,46 @@ def setup_tensorflow(config):
       tf.config.experimental.set_memory_growth(gpu, True)
 
 
+class Checkpointer:
+  """The agent's weights, its three optimizers' states and the step counter
+  in <logdir>/checkpoints (TensorFlow writes each checkpoint under a
+  temporary name and renames it, so a crash never leaves half of one)."""
+
+  def __init__(self, agent, logdir):
+    import tensorflow as tf
+    self._step = tf.Variable(0, dtype=tf.int64, name='step')
+    self._checkpoint = tf.train.Checkpoint(
+        step=self._step, **agent.checkpoint_items())
+    self._manager = tf.train.CheckpointManager(
+        self._checkpoint, pathlib.Path(logdir) / 'checkpoints', max_to_keep=2)
+
+  @property
+  def latest(self):
+    return self._manager.latest_checkpoint
+
+  @property
+  def step(self):
+    return int(self._step)
+
+  def restore(self):
+    """Loads the latest checkpoint if there is one; False if there is none.
+    A checkpoint of another task or model size is a ValueError."""
+    if not self.latest:
+      return False
+    try:
+      self._checkpoint.restore(self.latest).assert_existing_objects_matched()
+    except (ValueError, AssertionError) as error:
+      first = str(error).strip().splitlines()[0][:200]
+      raise ValueError(
+          f'the checkpoint {self.latest} does not fit this task and model '
+          f'(another task, action space or size?): {first}') from None
+    return True
+
+  def save(self, step):
+    self._step.assign(step)
+    return self._manager.save()
+
+
 class Run:
   """One training run in a logdir: replay, agent, checkpoint and logs."""
 
@@ -200,29 +289,16 @@ class Run:
     self.logger = tools.Logger(self.logdir)
     self.train_envs = make_envs(c, train=True)
     self.eval_env = make_envs(c, train=False)
-    space = self.train_envs.action_space
-    self.act_dim = space.shape[0]
-    self.agent = agent_lib.Dreamer(c, self.act_dim)
+    self.agent = agent_lib.Dreamer(c, self.train_envs.action_space.shape[0])
     self.actor = agent_lib.Actor(self.agent)
-    self.ckpt_step = tf.Variable(0, dtype=tf.int64, name='step')
-    opts = (self.agent.model_opt, self.agent.actor_opt, self.agent.value_opt)
-    self.checkpoint = tf.train.Checkpoint(
-        step=self.ckpt_step, encoder=self.agent.encoder,
-        dynamics=self.agent.dynamics, decoder=self.agent.decoder,
-        reward=self.agent.reward, value=self.agent.value,
-        actor=self.agent.actor, **({'pcont': self.agent.pcont}
-                                   if self.agent.pcont else {}),
-        **{f'{o.name}_opt_{k}': v for o in opts
-           for k, v in o.checkpoint_items().items()})
-    self.manager = tf.train.CheckpointManager(
-        self.checkpoint, self.logdir / 'checkpoints', max_to_keep=2)
-    self.restored = False
-    if self.manager.latest_checkpoint:
-      self.checkpoint.restore(self.manager.latest_checkpoint).expect_partial()
-      self.restored = True
+    self.checkpoint = Checkpointer(self.agent, self.logdir)
+    self.restored = self.checkpoint.restore()
+    if self.restored:
       # The checkpoint counts the steps of the unfinished episode at save
       # time too; episodes stored after the save count when there are more.
-      self.step = max(self.step, int(self.ckpt_step))
+      self.step = max(self.step, self.checkpoint.step)
+    self._open_loop = tf.function(
+        functools.partial(agent_lib.open_loop, self.agent))
     self._dataset = None
     self._should_train = tools.Every(c.train_every)
     self._should_log = tools.Every(c.log_every)
@@ -238,7 +314,7 @@ class Run:
   def train_loop(self):
     c = self.config
     if self.restored:
-      print(f'Resumed from {self.manager.latest_checkpoint} at step '
+      print(f'Resumed from {self.checkpoint.latest} at step '
             f'{self.step} ({int(self.agent.model_opt.iterations)} updates).')
     if self.step < c.prefill:
       self.prefill(c.prefill - self.step)
@@ -253,7 +329,8 @@ class Run:
     space = self.train_envs.action_space
     def policy(images, reset, state):
       return [wrappers.random_action(space, rng) for _ in images], state
-    self._simulate(policy, steps, 'prefill', train=True, state=None)
+    self._collect(policy, steps, 'prefill')
+    self._write_logs()
 
   def collect(self, steps):
     def policy(images, reset, state):
@@ -261,17 +338,12 @@ class Run:
       amount = self._agent_lib.expl_amount(self.config, self.step)
       actions, state = self.actor(images, reset, state, True, amount)
       return actions.numpy(), state
-    self._state = self._simulate(policy, steps, 'train', True, self._state)
+    self._collect(policy, steps, 'train')
 
   def evaluate(self):
-    frames = []
-    def policy(images, reset, state):
-      frames.append(images[0])
-      actions, state = self.actor(
-          images, reset, state, False, self.config.eval_noise)
-      return actions.numpy(), state
-    self._simulate(policy, 0, 'eval', train=False, state=None)
-    self.logger.video('test/policy', np.stack(frames))
+    episodes = run_episodes(self.actor, self.eval_env, 1, self.config)
+    self._log_episode('test', episodes[0])
+    self.logger.video('test/policy', episodes[0]['image'])
     self.logger.write(self.step)
 
   def maybe_train(self):
@@ -281,19 +353,18 @@ class Run:
     first = int(self.agent.model_opt.iterations) == 0
     count = c.pretrain if first else c.train_steps
     dataset = self.dataset()
-    bar = self._bar(count, 'pretrain' if first else 'train', 'update')
-    for _ in range(count):
+    for _ in progress(range(count), 'pretrain' if first else 'train', 'update'):
       batch = next(dataset)
       metrics = self.agent.train(batch)
-      bar.update(1)
       if c.log_scalars:
         for name, value in metrics.items():
           self.logger.scalar(name, value)
-    bar.close()
     if self._should_log(self.step):
+      video, checks = self._open_loop(batch)
+      for name, value in checks.items():
+        self.logger.scalar(name, value)
       if c.log_images:
-        self.logger.video('train/openl', self._agent_lib.open_loop_video(
-            self.agent, batch).numpy())
+        self.logger.video('train/openl', video.numpy())
       self._write_logs()
 
   def dataset(self):
@@ -306,39 +377,32 @@ class Run:
 
   def save(self):
     self._write_logs()
-    self.ckpt_step.assign(self.step)
-    path = self.manager.save()
+    path = self.checkpoint.save(self.step)
     print(f'Saved {path} at step {self.step}.')
 
   # --- Helpers. ---
 
-  def _simulate(self, policy, steps, mode, train, state):
-    c = self.config
-    envs = self.train_envs if train else self.eval_env
+  def _collect(self, policy, steps, desc):
+    """Steps the training envs for `steps` env steps, storing episodes."""
+    repeat = self.config.action_repeat
+    bar = progress(None, desc, 'step', total=steps)
     def on_episode(index, episode):
-      length = len(episode['reward']) - 1
-      score = float(episode['reward'].sum())
-      if train:
-        self._replay.save_episode(self.datadir, episode)
-      prefix = 'test' if mode == 'eval' else 'train'
-      self.logger.scalar(f'{prefix}/return', score)
-      self.logger.scalar(f'{prefix}/length', length * c.action_repeat)
-      bar.write(f'[{self.step}] {prefix}/return {score:.1f} '
-                f'({length * c.action_repeat} steps)')
+      self._replay.save_episode(self.datadir, episode)
+      self._log_episode('train', episode, bar.write)
     def on_step(count):
-      bar.update(count * c.action_repeat)
-      if train:
-        self.step += count * c.action_repeat
-    total = steps * c.action_repeat if steps else None
-    bar = self._bar(total, mode, 'step')
-    steps = -(-steps // c.action_repeat) if steps else 0
-    state = self._tools.simulate(policy, envs, steps=steps,
-                                 episodes=0 if steps else 1, state=state,
-                                 on_episode=on_episode, on_step=on_step)
+      self.step += count * repeat
+      bar.update(count * repeat)
+    self._state = self._tools.simulate(
+        policy, self.train_envs, steps=-(-steps // repeat), state=self._state,
+        on_episode=on_episode, on_step=on_step)
     bar.close()
-    if mode == 'prefill':
-      self._write_logs()
-    return state
+
+  def _log_episode(self, prefix, episode, echo=print):
+    score = float(episode['reward'].sum())
+    length = (len(episode['reward']) - 1) * self.config.action_repeat
+    self.logger.scalar(f'{prefix}/return', score)
+    self.logger.scalar(f'{prefix}/length', length)
+    echo(f'[{self.step}] {prefix}/return {score:.1f} ({length} steps)')
 
   def _write_logs(self):
     last_step, last_time = self._last_log
@@ -348,10 +412,58 @@ class Run:
     self._last_log = (self.step, now)
     self.logger.write(self.step)
 
-  def _bar(self, total, desc, unit):
-    import tqdm
-    return tqdm.tqdm(total=total, desc=desc, unit=unit, leave=False,
-                     dynamic_ncols=True, disable=None, file=sys.stdout)
+
+def run_episodes(actor, env, count, config):
+  """`count` evaluation episodes: the actor's mode, exploration only at
+  `eval_noise`. Returns the episodes (dicts of arrays, all frames)."""
+  import tools
+  episodes = []
+  bar = progress(None, 'eval', 'episode', total=count)
+  def policy(images, reset, state):
+    actions, state = actor(images, reset, state, False, config.eval_noise)
+    return actions.numpy(), state
+  def on_episode(index, episode):
+    episodes.append(episode)
+    bar.update(1)
+  tools.simulate(policy, env, episodes=count, on_episode=on_episode)
+  bar.close()
+  return episodes
+
+
+def progress(iterable, desc, unit, total=None):
+  """A tqdm bar on an interactive terminal; silent in logs and tests."""
+  import tqdm
+  return tqdm.tqdm(iterable, desc=desc, unit=unit, total=total, leave=False,
+                   dynamic_ncols=True, disable=None, file=sys.stdout)
+
+
+def evaluate_checkpoint(config):
+  """--mode eval: N episodes of the saved policy; prints mean and std and
+  writes <logdir>/eval/returns.json and eval/episode_0.mp4."""
+  import tools
+  from dreamer_tf import agent as agent_lib
+  logdir = pathlib.Path(config.logdir).expanduser()
+  env = make_envs(config, train=False)
+  try:
+    agent = agent_lib.Dreamer(config, env.action_space.shape[0])
+    checkpoint = Checkpointer(agent, logdir)
+    checkpoint.restore()
+    episodes = run_episodes(
+        agent_lib.Actor(agent), env, config.eval_episodes, config)
+  finally:
+    env.close()
+  returns = [float(e['reward'].sum()) for e in episodes]
+  result = dict(step=checkpoint.step, returns=returns,
+                mean=float(np.mean(returns)), std=float(np.std(returns)))
+  outdir = logdir / 'eval'
+  outdir.mkdir(exist_ok=True)
+  (outdir / 'returns.json').write_text(json.dumps(result, indent=2) + '\n')
+  video = tools.write_video(outdir / 'episode_0.mp4', episodes[0]['image'])
+  print(f'{config.task} at step {result["step"]}: return {result["mean"]:.1f}'
+        f' +- {result["std"]:.1f} over {len(returns)} episodes '
+        f'(min {min(returns):.1f}, max {max(returns):.1f}).')
+  print(f'Wrote {outdir / "returns.json"} and {video}.')
+  return result
 
 
 def main(argv=None):
@@ -361,11 +473,16 @@ def main(argv=None):
   except (ValueError, RuntimeError) as error:
     sys.exit(f'dreamer.py: error: {error}')
   logdir = pathlib.Path(config.logdir).expanduser()
+  setup_tensorflow(config)
+  seed_everything(config.seed)
+  if config.mode == 'eval':
+    try:
+      return evaluate_checkpoint(config)
+    except ValueError as error:
+      sys.exit(f'dreamer.py: error: {error}')
   logdir.mkdir(parents=True, exist_ok=True)
   with (logdir / 'config.json').open('w') as f:
     json.dump(vars(config), f, indent=2)
-  setup_tensorflow(config)
-  seed_everything(config.seed)
   print(f'Logdir {logdir}, task {config.task}.')
   run = Run(config)
   try:

@@ -74,6 +74,16 @@ def lambda_return(reward, value, pcont, bootstrap, lambda_, axis=0):
   return returns
 
 
+def correlation(x, y):
+  """Pearson correlation of all elements of x and y (0 when either is
+  constant, where the correlation is undefined)."""
+  x = tf.reshape(tf.cast(x, tf.float32), [-1])
+  y = tf.reshape(tf.cast(y, tf.float32), [-1])
+  x, y = x - tf.reduce_mean(x), y - tf.reduce_mean(y)
+  denominator = tf.sqrt(tf.reduce_sum(x * x) * tf.reduce_sum(y * y))
+  return tf.math.divide_no_nan(tf.reduce_sum(x * y), denominator)
+
+
 # ----------------------------------------------------------------------------
 # Distributions.
 

@@ -87,6 +87,18 @@ class Dreamer:
     for head in heads + ([self.pcont] if self.pcont else []):
       head(feat)
 
+  def checkpoint_items(self):
+    """Everything a checkpoint holds: every module and optimizer state."""
+    items = dict(encoder=self.encoder, dynamics=self.dynamics,
+                 decoder=self.decoder, reward=self.reward, value=self.value,
+                 actor=self.actor)
+    if self.pcont:
+      items['pcont'] = self.pcont
+    for opt in (self.model_opt, self.actor_opt, self.value_opt):
+      for key, value in opt.checkpoint_items().items():
+        items[f'{opt.name}_opt_{key}'] = value
+    return items
+
   def param_counts(self):
     count = networks.count_params
     return dict(model=sum(count(p) for p in self.model_parts),
@@ -126,18 +138,29 @@ class Dreamer:
     embed = self.encoder(data['image'])
     post, prior = self.dynamics.observe(embed, data['action'], eps=eps)
     feat = self.dynamics.get_feat(post)
+    image_pred, reward_pred = self.decoder(feat), self.reward(feat)
     likes = dict(
-        image=tf.reduce_mean(self.decoder(feat).log_prob(data['image'])),
-        reward=tf.reduce_mean(self.reward(feat).log_prob(data['reward'])))
+        image=tf.reduce_mean(image_pred.log_prob(data['image'])),
+        reward=tf.reduce_mean(reward_pred.log_prob(data['reward'])))
+    # Validation signals (not in the loss): is the world model any good?
+    checks = dict(
+        image_mse=tf.reduce_mean(
+            tf.square(tf.stop_gradient(image_pred.mean()) - data['image'])),
+        reward_corr=tools.correlation(
+            tf.stop_gradient(reward_pred.mean()), data['reward']))
     if self.pcont:
+      pcont_pred = self.pcont(feat)
       target = c.discount * data['discount']
       likes['pcont'] = c.pcont_scale * tf.reduce_mean(
-          self.pcont(feat).log_prob(target))
+          pcont_pred.log_prob(target))
+      checks['pcont_acc'] = tf.reduce_mean(tf.cast(
+          (pcont_pred.mean() > 0.5) == (data['discount'] > 0.5), tf.float32))
     prior_dist = self.dynamics.get_dist(prior)
     post_dist = self.dynamics.get_dist(post)
     div = free_nats_kl(post_dist, prior_dist, c.free_nats)
     model_loss = c.kl_scale * div - sum(likes.values())
     metrics = {f'{name}_loss': -like for name, like in likes.items()}
+    metrics.update(checks)
     metrics.update(
         div=div, prior_ent=tf.reduce_mean(prior_dist.entropy()),
         post_ent=tf.reduce_mean(post_dist.entropy()))
@@ -247,11 +270,17 @@ def expl_amount(config, step):
   return max(amount, config.expl_min)
 
 
-def open_loop_video(agent, data, context=5, count=6):
-  """Open-loop prediction video of the first `count` sequences: rows truth,
-  model (reconstruction for `context` steps, then imagined from the
-  actions) and error; uint8 [T, 3 * 64, count * 64, 3]."""
-  data = agent.preprocess({k: v[:count] for k, v in data.items()})
+OPEN_LOOP_HORIZONS = (1, 5, 10, 20, 40)
+
+
+def open_loop(agent, data, context=5, count=6):
+  """Open-loop prediction: observe `context` steps of each sequence, then
+  imagine the rest from the actions alone. Returns the video of the first
+  `count` sequences, uint8 [T, 3 * 64, count * 64, 3] with rows truth, model
+  (reconstruction, then imagination) and error, and the mean squared pixel
+  error of the imagined frame k steps after the context, `openl_mse_h<k>`,
+  over the whole batch, for the horizons that fit the batch length."""
+  data = agent.preprocess(data)
   embed = agent.encoder(data['image'])
   post, _ = agent.dynamics.observe(embed[:, :context],
                                    data['action'][:, :context])
@@ -260,8 +289,14 @@ def open_loop_video(agent, data, context=5, count=6):
   prior = agent.dynamics.imagine(data['action'][:, context:], start)
   openl = agent.decoder(agent.dynamics.get_feat(prior)).mode()
   truth = data['image'] + 0.5
-  model = tf.concat([recon, openl], 1) + 0.5
+  sq_error = tf.reduce_mean(
+      tf.square(openl + 0.5 - truth[:, context:]), [0, 2, 3, 4])
+  metrics = {f'openl_mse_h{k}': sq_error[k - 1] for k in OPEN_LOOP_HORIZONS
+             if k <= sq_error.shape[0]}
+  model = tf.concat([recon, openl], 1)[:count] + 0.5
+  truth = truth[:count]
   error = (model - truth + 1) / 2
   video = tf.concat([truth, model, error], 2)           # [N, T, 3H, W, C]
   video = tf.concat(tf.unstack(video, axis=0), 2)       # [T, 3H, N*W, C]
-  return tf.cast(tf.clip_by_value(video, 0, 1) * 255, tf.uint8)
+  video = tf.cast(tf.clip_by_value(video, 0, 1) * 255, tf.uint8)
+  return video, metrics

@@ -250,3 +250,56 @@ def test_overfitting_one_batch_lowers_the_world_model_loss():
   losses = [float(agent.train(data)['model_loss']) - constant
             for _ in range(100)]
   assert np.mean(losses[-10:]) < 0.7 * losses[0], (losses[0], losses[-10:])
+
+
+class KnownPredictions:
+  """Stands in for a head: its predictions are given, not learned."""
+
+  def __init__(self, prediction, binary=False):
+    self._prediction = tf.constant(prediction, tf.float32)
+    self._binary = binary
+
+  def __call__(self, feat):
+    tfd = tfp.distributions
+    if self._binary:
+      return tfd.Independent(tfd.Bernoulli(probs=self._prediction,
+                                           dtype=tf.float32), 0)
+    return tfd.Independent(tfd.Normal(self._prediction, 1.0), 0)
+
+
+def test_validation_metrics_on_known_predictions():
+  agent = agent_lib.Dreamer(tiny_config(pcont=True), 2)
+  data = random_batch()
+  rng = np.random.default_rng(5)
+  predicted = (data['reward'].numpy() * 0.5 +
+               rng.normal(size=data['reward'].shape)).astype(np.float32)
+  pcont_probs = np.where(rng.uniform(size=predicted.shape) < 0.8,
+                         data['discount'].numpy(), 1 - data['discount'].numpy())
+  agent.reward = KnownPredictions(predicted)
+  agent.pcont = KnownPredictions(np.clip(pcont_probs, 0.1, 0.9), binary=True)
+  _, _, metrics = agent.world_model_loss(agent.preprocess(data))
+  expected = np.corrcoef(predicted.ravel(), data['reward'].numpy().ravel())
+  assert float(metrics['reward_corr']) == pytest.approx(expected[0, 1],
+                                                        abs=1e-5)
+  accuracy = np.mean((pcont_probs > 0.5) == (data['discount'].numpy() > 0.5))
+  assert float(metrics['pcont_acc']) == pytest.approx(accuracy)
+  image = agent.preprocess(data)['image'].numpy()
+  feat = agent.dynamics.get_feat(agent.dynamics.observe(
+      agent.encoder(image), data['action'])[0])
+  mean = agent.decoder(feat).mean().numpy()
+  # Same decoder weights; the features differ by the posterior's sampling
+  # noise only, which moves the untrained decoder's output very little.
+  assert float(metrics['image_mse']) == pytest.approx(
+      np.mean((mean - image) ** 2), rel=0.05)
+
+
+def test_open_loop_video_and_errors():
+  agent = agent_lib.Dreamer(tiny_config(), 2)
+  data = random_batch(batch=3, length=12)
+  video, metrics = agent_lib.open_loop(agent, data, context=5, count=2)
+  assert video.shape == (12, 3 * 64, 2 * 64, 3) and video.dtype == tf.uint8
+  # The truth row of the first sequence is the input image itself.
+  np.testing.assert_allclose(video.numpy()[:, :64, :64],
+                             data['image'].numpy()[0], atol=1)
+  assert sorted(metrics) == ['openl_mse_h1', 'openl_mse_h5']
+  assert all(0 < float(v) < 1 for v in metrics.values())

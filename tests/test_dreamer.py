@@ -71,8 +71,49 @@ def test_dmc_end_to_end_then_resume(tmp_path):
   assert len(new) == 5
   # No second pretraining: 2 updates at 1500 and 2 at 2000, not 2 + pretrain.
   assert updates(logdir) == 8
-  steps = [m['step'] for m in read_metrics(logdir)]
+  metrics = read_metrics(logdir)
+  steps = [m['step'] for m in metrics]
   assert max(steps) == 2500 and steps == sorted(steps)
+  # Validation signals are logged beside the losses.
+  for key in ('reward_corr', 'image_mse', 'openl_mse_h1', 'openl_mse_h5'):
+    assert any(key in m and np.isfinite(m[key]) for m in metrics), key
+
+  # Evaluation of the saved agent, with the task and sizes from config.json.
+  evaluation = run('--logdir', logdir, '--mode', 'eval', '--eval_episodes', 2)
+  assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+  result = json.loads((logdir / 'eval' / 'returns.json').read_text())
+  assert result['step'] == 2500 and len(result['returns']) == 2
+  assert result['mean'] == pytest.approx(np.mean(result['returns']))
+  assert result['std'] == pytest.approx(np.std(result['returns']))
+  assert f"{result['mean']:.1f}" in evaluation.stdout
+  import imageio
+  frames = imageio.mimread(logdir / 'eval' / 'episode_0.mp4', memtest=False)
+  assert len(frames) == 101 and frames[0].shape == (64, 64, 3)
+  # A flag that would change the model is refused in one line.
+  changed = run('--logdir', logdir, '--mode', 'eval', '--cnn_depth', 8)
+  assert changed.returncode != 0 and 'Traceback' not in changed.stderr
+  assert '--cnn_depth' in changed.stderr
+
+
+def test_eval_of_a_logdir_without_checkpoint_is_one_line(tmp_path):
+  (tmp_path / 'config.json').write_text('{"task": "dmc_cartpole_balance"}')
+  result = run('--logdir', tmp_path, '--mode', 'eval', timeout=120)
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert 'no checkpoint' in result.stderr
+
+
+def test_eval_of_a_checkpoint_of_another_action_space(tmp_path):
+  # A cartpole (1 action dim) checkpoint under a config that says walker
+  # (6 dims): the shapes do not fit, which is one clear line.
+  first = run('--logdir', tmp_path, '--task', 'dmc_cartpole_balance', *TINY,
+              '--steps', 600, '--prefill', 400, '--eval_every', 200)
+  assert first.returncode == 0, first.stderr[-3000:]
+  config = json.loads((tmp_path / 'config.json').read_text())
+  config['task'] = 'dmc_walker_walk'
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  result = run('--logdir', tmp_path, '--mode', 'eval', timeout=300)
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert 'does not fit' in result.stderr, result.stderr[-2000:]
 
 
 def test_atari_end_to_end(tmp_path):

@@ -124,3 +124,12 @@ def test_every_and_args_type():
   assert tools.args_type(True)('False') is False
   with pytest.raises(ValueError):
     tools.args_type(5)('2.5')
+
+
+def test_correlation_matches_numpy():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(4, 7)).astype(np.float32)
+  y = (0.3 * x + rng.normal(size=(4, 7))).astype(np.float32)
+  expected = np.corrcoef(x.ravel(), y.ravel())[0, 1]
+  assert float(tools.correlation(x, y)) == pytest.approx(expected, abs=1e-5)
+  assert float(tools.correlation(x, np.ones_like(x))) == 0.0
