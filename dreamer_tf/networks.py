@@ -57,11 +57,29 @@ class ConvDecoder(layers.Layer):
                                dtype=dtype, name=f'h{i + 2}')
         for i, (filters, kernel, activation) in enumerate(specs)]
 
+  def build(self, input_shape):
+    self.dense.build(input_shape)
+    shape = (None, 1, 1, self.dense.units)
+    for deconv in self.deconvs:
+      deconv.build(shape)
+      shape = deconv.compute_output_shape(shape)
+
   def call(self, features):
+    # Same layers and weights as the reference's. On the 1x1 input the first
+    # transposed convolution is exactly a matmul with the kernel reshaped to
+    # [k * k * filters, 1024], 4x faster in bfloat16 than oneDNN's transposed
+    # convolution (stride-1 "sub-pixel" forms of the others were slower).
     lead = tf.shape(features)[:-1]
     x = self.dense(features)
-    x = tf.reshape(x, [-1, 1, 1, x.shape[-1]])
-    for deconv in self.deconvs:
+    x = tf.reshape(x, [-1, x.shape[-1]])
+    first = self.deconvs[0]
+    kernel = first.kernel                      # [k, k, filters, 1024]
+    size, filters = kernel.shape[0], kernel.shape[2]
+    x = tf.matmul(x, tf.reshape(kernel, [-1, kernel.shape[-1]]),
+                  transpose_b=True)
+    x = tf.reshape(x, [-1, size, size, filters]) + first.bias
+    x = first.activation(x)
+    for deconv in self.deconvs[1:]:
       x = deconv(x)
     mean = tf.reshape(tf.cast(x, tf.float32), tf.concat([lead, self._shape], 0))
     return tfd.Independent(tfd.Normal(mean, 1.0), len(self._shape))
