@@ -2,6 +2,8 @@
 
   python -m dreamer_tf.bench [--batch_size 50] [--batch_length 50] [--steps 5]
                              [--precision both|32|16] [--json]
+  python -m dreamer_tf.bench --collect [--task dmc_walker_walk] [--envs 1]
+                             [--parallel none] [--agent_steps 300]
 
 Builds the agent for the default task's spaces (64x64x3 images, 6 continuous
 action dims, no pcont) and prints a table: parameter counts, time to the end
@@ -9,6 +11,10 @@ of the first train step (tracing included), median seconds per train step
 after one more warm-up step, and peak resident memory. Each precision runs in
 its own subprocess so that one's memory does not inflate the other's. With
 --json the last line is one JSON object.
+
+--collect measures environment steps per second instead: with uniformly
+random actions (the prefill) and with the untrained policy at the default
+sizes, one batched policy call per agent step (the collection).
 """
 
 import argparse
@@ -62,6 +68,55 @@ def measure(precision, batch_size, batch_length, steps):
       params=agent.param_counts())
 
 
+def measure_collection(args):
+  """Env steps per second of the prefill and of the policy's collection."""
+  import functools
+
+  import numpy as np
+
+  import dreamer_tf
+  dreamer_tf.quiet_tensorflow()
+  import dreamer
+  import tools
+  import wrappers
+  from dreamer_tf import agent as agent_lib
+
+  config = dreamer.define_config()
+  config.task, config.envs, config.parallel = args.task, args.envs, args.parallel
+  envs = dreamer.make_envs(config, train=True)
+  rng = np.random.default_rng(0)
+  space = envs.action_space
+  agent = agent_lib.Dreamer(config, space.shape[0])
+  actor = agent_lib.Actor(agent)
+  def random_policy(images, reset, state):
+    return [wrappers.random_action(space, rng) for _ in images], state
+  def agent_policy(images, reset, state):
+    actions, state = actor(images, reset, state, True, config.expl_amount)
+    return actions.numpy(), state
+  rows = []
+  try:
+    for name, policy in (('random (prefill)', random_policy),
+                         ('policy (collect)', agent_policy)):
+      state = tools.simulate(policy, envs, steps=20)  # Warm-up and tracing.
+      start = time.perf_counter()
+      tools.simulate(policy, envs, steps=args.agent_steps, state=state)
+      seconds = time.perf_counter() - start
+      env_steps = args.agent_steps * config.action_repeat
+      rows.append(dict(policy=name, env_steps_per_s=round(env_steps / seconds, 1),
+                       ms_per_agent_step=round(1000 * seconds * args.envs /
+                                               args.agent_steps, 1)))
+  finally:
+    envs.close()
+  print(f'{args.task}, {args.envs} env(s), parallel {args.parallel}, '
+        f'action repeat {config.action_repeat}, {args.agent_steps} agent steps')
+  print(f'{"policy":>18}  {"env steps/s":>12}  {"ms/agent step/env":>18}')
+  for row in rows:
+    print(f'{row["policy"]:>18}  {row["env_steps_per_s"]:>12}  '
+          f'{row["ms_per_agent_step"]:>18}')
+  if args.json:
+    print(json.dumps(dict(task=args.task, rows=rows)))
+
+
 def run_child(precision, args):
   command = [sys.executable, '-m', 'dreamer_tf.bench', '--child', str(precision),
              '--batch_size', str(args.batch_size), '--batch_length',
@@ -81,7 +136,15 @@ def main(argv=None):
                       default='both')
   parser.add_argument('--json', action='store_true')
   parser.add_argument('--child', type=int, help=argparse.SUPPRESS)
+  parser.add_argument('--collect', action='store_true',
+                      help='measure environment steps per second instead')
+  parser.add_argument('--task', default='dmc_walker_walk')
+  parser.add_argument('--envs', type=int, default=1)
+  parser.add_argument('--parallel', choices=['none', 'process'], default='none')
+  parser.add_argument('--agent_steps', type=int, default=300)
   args = parser.parse_args(argv)
+  if args.collect:
+    return measure_collection(args)
   if args.steps < 1:
     parser.error('--steps must be at least 1')
   if args.child:

@@ -19,6 +19,49 @@ tfd = tfp.distributions
 layers = keras.layers
 
 
+@tf.custom_gradient
+def bias_add(x, bias):
+  """x + bias over the last axis, with the bias gradient summed by reduce_sum.
+
+  Keras adds biases with tf.nn.bias_add, whose CPU gradient kernel
+  (BiasAddGrad) is wrong in bfloat16: measured against float32 on a
+  [2.4M, 32] gradient its relative error was 0.92, while reduce_sum in
+  bfloat16 was within 0.3%. Under precision 16 on a CPU every bias would
+  otherwise train on a near-random gradient."""
+  def grad(dy):
+    return dy, tf.reduce_sum(dy, axis=tf.range(tf.rank(dy) - 1))
+  return x + bias, grad
+
+
+def _finish(layer, x):
+  x = bias_add(x, tf.cast(layer.bias, x.dtype))
+  return layer.activation(x)
+
+
+class Dense(layers.Dense):
+  """keras.layers.Dense with `bias_add` (same variables and math)."""
+
+  def call(self, inputs):
+    return _finish(self, keras.ops.matmul(inputs, self.kernel))
+
+
+class Conv2D(layers.Conv2D):
+  """keras.layers.Conv2D with `bias_add` (same variables and math)."""
+
+  def call(self, inputs):
+    return _finish(self, self.convolution_op(inputs, self.kernel))
+
+
+class Conv2DTranspose(layers.Conv2DTranspose):
+  """keras.layers.Conv2DTranspose with `bias_add` (same variables, math)."""
+
+  def call(self, inputs):
+    return _finish(self, keras.ops.conv_transpose(
+        inputs, self.kernel, strides=list(self.strides), padding=self.padding,
+        output_padding=self.output_padding, dilation_rate=self.dilation_rate,
+        data_format=self.data_format))
+
+
 class ConvEncoder(layers.Layer):
   """Image [..., 64, 64, 3] float (already scaled to [-0.5, 0.5]) ->
   embedding [..., 32 * depth] float32. Four 4x4 stride-2 VALID convolutions
@@ -27,7 +70,7 @@ class ConvEncoder(layers.Layer):
   def __init__(self, depth=32, act='relu', dtype=None, name='encoder'):
     super().__init__(name=name, dtype=dtype)
     self.convs = [
-        layers.Conv2D(mult * depth, 4, 2, activation=act, dtype=dtype,
+        Conv2D(mult * depth, 4, 2, activation=act, dtype=dtype,
                       name=f'h{i + 1}')
         for i, mult in enumerate((1, 2, 4, 8))]
 
@@ -49,11 +92,11 @@ class ConvDecoder(layers.Layer):
                name='decoder'):
     super().__init__(name=name, dtype=dtype)
     self._shape = tuple(shape)
-    self.dense = layers.Dense(32 * depth, dtype=dtype, name='h1')
+    self.dense = Dense(32 * depth, dtype=dtype, name='h1')
     specs = [(4 * depth, 5, act), (2 * depth, 5, act), (depth, 6, act),
              (shape[-1], 6, None)]
     self.deconvs = [
-        layers.Conv2DTranspose(filters, kernel, 2, activation=activation,
+        Conv2DTranspose(filters, kernel, 2, activation=activation,
                                dtype=dtype, name=f'h{i + 2}')
         for i, (filters, kernel, activation) in enumerate(specs)]
 
@@ -77,7 +120,8 @@ class ConvDecoder(layers.Layer):
     size, filters = kernel.shape[0], kernel.shape[2]
     x = tf.matmul(x, tf.reshape(kernel, [-1, kernel.shape[-1]]),
                   transpose_b=True)
-    x = tf.reshape(x, [-1, size, size, filters]) + first.bias
+    x = bias_add(tf.reshape(x, [-1, size, size, filters]),
+                 tf.cast(first.bias, x.dtype))
     x = first.activation(x)
     for deconv in self.deconvs[1:]:
       x = deconv(x)
@@ -91,9 +135,9 @@ class MLP(layers.Layer):
 
   def __init__(self, out, count, units, act='elu', dtype=None, name='mlp'):
     super().__init__(name=name, dtype=dtype)
-    self.hidden = [layers.Dense(units, act, dtype=dtype, name=f'h{i}')
+    self.hidden = [Dense(units, act, dtype=dtype, name=f'h{i}')
                    for i in range(count)]
-    self.out = layers.Dense(out, dtype=dtype, name='hout')
+    self.out = Dense(out, dtype=dtype, name='hout')
 
   def call(self, x):
     for dense in self.hidden:

@@ -5,6 +5,7 @@ import tensorflow_probability as tfp
 from tensorflow import keras
 
 import tools
+from dreamer_tf import networks
 
 tfd = tfp.distributions
 layers = keras.layers
@@ -28,7 +29,7 @@ class RSSM(layers.Layer):
   def __init__(self, stoch=30, deter=200, hidden=200, dtype=None, name='rssm'):
     super().__init__(name=name, dtype=dtype)
     self._stoch, self._deter = stoch, deter
-    dense = lambda units, act, name: layers.Dense(
+    dense = lambda units, act, name: networks.Dense(
         units, act, dtype=dtype, name=name)
     self.img1 = dense(hidden, 'elu', 'img1')
     self.gru = layers.GRUCell(deter, name='gru', dtype='float32')

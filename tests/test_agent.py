@@ -303,3 +303,33 @@ def test_open_loop_video_and_errors():
                              data['image'].numpy()[0], atol=1)
   assert sorted(metrics) == ['openl_mse_h1', 'openl_mse_h5']
   assert all(0 < float(v) < 1 for v in metrics.values())
+
+
+@pytest.mark.parametrize('make,shape', [
+    (lambda p: networks.Dense(64, 'elu', dtype=p), (4096, 32)),
+    (lambda p: networks.Conv2D(16, 4, 2, activation='relu', dtype=p),
+     (64, 31, 31, 8)),
+    (lambda p: networks.Conv2DTranspose(8, 6, 2, activation='relu', dtype=p),
+     (64, 13, 13, 16)),
+])
+def test_bfloat16_bias_gradients_match_float32(make, shape):
+  # TensorFlow's CPU BiasAddGrad in bfloat16 is ~90% off; our layers must
+  # give bias gradients as good as their kernel gradients.
+  x = tf.random.normal(shape, seed=7)
+  grads = {}
+  for policy in ('float32', 'mixed_bfloat16'):
+    layer = make(policy)
+    layer.build(shape)
+    if policy == 'float32':
+      weights = [v.numpy() for v in layer.weights]
+    else:
+      for var, value in zip(layer.weights, weights):
+        var.assign(value)
+    with tf.GradientTape() as tape:
+      y = tf.cast(layer(x), tf.float32)
+      loss = tf.reduce_mean(tf.square(y - 0.3))
+    grads[policy] = [g.numpy() for g in tape.gradient(
+        loss, [layer.kernel, layer.bias])]
+  for ours, exact in zip(grads['mixed_bfloat16'], grads['float32']):
+    error = np.max(np.abs(ours - exact)) / np.max(np.abs(exact))
+    assert error < 0.05, error
