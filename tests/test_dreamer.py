@@ -165,3 +165,24 @@ def test_worker_modules_do_not_import_tensorflow():
   result = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
+
+
+def test_presets_and_flag_precedence():
+  import dreamer
+  debug = dreamer.parse_args(['--logdir', 'x', '--preset', 'debug'])
+  assert (debug.cnn_depth, debug.deter_size, debug.stoch_size,
+          debug.num_units, debug.batch_size, debug.batch_length) == (
+              4, 16, 4, 16, 4, 10)
+  # Flags given on the command line win over the preset.
+  cpu = dreamer.parse_args(['--logdir', 'x', '--preset', 'cpu',
+                            '--batch_size', '8'])
+  assert cpu.batch_size == 8 and cpu.eval_every == 2000
+  assert cpu.train_steps == dreamer.define_config().train_steps
+  # Atari switches on discrete actions unless the user says otherwise.
+  atari = dreamer.parse_args(['--logdir', 'x', '--task', 'atari_pong',
+                              '--pcont', 'false'])
+  assert (atari.action_dist, atari.pcont, atari.expl) == (
+      'onehot', False, 'epsilon_greedy')
+  assert dreamer.parse_args(['--logdir', 'x', '--steps', '5e6']).steps == 5e6
+  with pytest.raises(ValueError, match='--preset'):
+    dreamer.parse_args(['--logdir', 'x', '--preset', 'gpu'])
