@@ -486,6 +486,11 @@ def main(argv=None):
   run = Run(config)
   try:
     run.train_loop()
+  except KeyboardInterrupt:
+    # Keep the training since the last save; rerun the command to resume.
+    print(f'Interrupted at step {run.step}: saving a checkpoint.')
+    run.save()
+    sys.exit(130)
   finally:
     run.close()
 
