@@ -186,3 +186,31 @@ def test_presets_and_flag_precedence():
   assert dreamer.parse_args(['--logdir', 'x', '--steps', '5e6']).steps == 5e6
   with pytest.raises(ValueError, match='--preset'):
     dreamer.parse_args(['--logdir', 'x', '--preset', 'gpu'])
+
+
+def test_interrupt_saves_a_checkpoint(tmp_path):
+  import signal
+  import time
+  logdir = tmp_path / 'run'
+  process = subprocess.Popen(
+      [sys.executable, 'dreamer.py', '--logdir', str(logdir), '--task',
+       'dmc_cartpole_balance', '--preset', 'debug', '--steps', '100000',
+       '--eval_every', '100000'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    # Four finished episodes: past the prefill (500) and the pretraining.
+    while len(list((logdir / 'episodes').glob('*.npz'))) < 4:
+      assert process.poll() is None, process.communicate()[1][-2000:]
+      assert time.time() < deadline
+      time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 130, stderr[-2000:]
+  assert 'Interrupted at step' in stdout
+  import tensorflow as tf
+  step = int(tf.train.load_checkpoint(str(logdir / 'checkpoints')).get_tensor(
+      'step/.ATTRIBUTES/VARIABLE_VALUE'))
+  assert step >= 800
