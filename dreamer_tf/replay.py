@@ -3,11 +3,11 @@
 An episode is a dict of NumPy arrays that share their leading length L, where
 L counts the reset step (DESIGN.md sections 5 and 9):
 
-    image     uint8   [L, H, W, C]   (64x64x3 for the agent)
-    action    float32 [L, A]         action[0] = 0 (reset)
-    reward    float32 [L]            reward[0] = 0
-    discount  float32 [L]
-    ...       any other numeric keys (e.g. DMC state vectors)
+  image     uint8   [L, H, W, C]   (64x64x3 for the agent)
+  action    float32 [L, A]         action[0] = 0 (reset)
+  reward    float32 [L]            reward[0] = 0
+  discount  float32 [L]
+  ...       any other numeric keys (e.g. DMC state vectors)
 
 Each episode is one `np.savez_compressed` file named
 `{%Y%m%dT%H%M%S}-{uuid4 hex}-{L}.npz`, as in the reference, so the number of
@@ -37,7 +37,7 @@ REQUIRED_KEYS = ('image', 'action', 'reward', 'discount')
 _NDIMS = {'image': 4, 'action': 2, 'reward': 1, 'discount': 1}
 _LENGTH_RE = re.compile(r'-(\d+)\.npz$')
 _READ_ERRORS = (OSError, ValueError, EOFError, KeyError,
-                zipfile.BadZipFile, zlib.error)
+        zipfile.BadZipFile, zlib.error)
 
 # Files that failed to load, keyed by (path, size, mtime): they are not
 # retried on every call, but are retried if the file changes.
@@ -45,224 +45,224 @@ _UNREADABLE = set()
 
 
 def _length_from_name(path):
-    """Episode length encoded in a file name, or None if it has none."""
-    match = _LENGTH_RE.search(pathlib.Path(path).name)
-    return int(match.group(1)) if match else None
+  """Episode length encoded in a file name, or None if it has none."""
+  match = _LENGTH_RE.search(pathlib.Path(path).name)
+  return int(match.group(1)) if match else None
 
 
 def _check_episode(episode):
-    """Return the episode as uint8/int/float32 arrays; ValueError if bad."""
-    missing = [k for k in REQUIRED_KEYS if k not in episode]
-    if missing:
-        raise ValueError(
-            f'Episode is missing keys {missing}; it has {sorted(episode)}.')
-    arrays = {}
-    for key, value in episode.items():
-        value = np.asarray(value)
-        if value.dtype.kind == 'f':
-            value = value.astype(np.float32)
-        elif value.dtype.kind not in 'biu':
-            raise ValueError(
-                f'Episode key {key!r} has non-numeric dtype {value.dtype}.')
-        if key in _NDIMS and value.ndim != _NDIMS[key]:
-            raise ValueError(
-                f'Episode key {key!r} must have {_NDIMS[key]} dims, '
-                f'got shape {value.shape}.')
-        arrays[key] = value
-    if arrays['image'].dtype != np.uint8:
-        raise ValueError(
-            f"Episode 'image' must be uint8, got {arrays['image'].dtype}.")
-    lengths = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
-    if len(set(lengths.values())) != 1 or lengths['image'] < 1:
-        raise ValueError(
-            f'Episode arrays must share one leading length >= 1, '
-            f'got {lengths}.')
-    return arrays
+  """Return the episode as uint8/int/float32 arrays; ValueError if bad."""
+  missing = [k for k in REQUIRED_KEYS if k not in episode]
+  if missing:
+    raise ValueError(
+      f'Episode is missing keys {missing}; it has {sorted(episode)}.')
+  arrays = {}
+  for key, value in episode.items():
+    value = np.asarray(value)
+    if value.dtype.kind == 'f':
+      value = value.astype(np.float32)
+    elif value.dtype.kind not in 'biu':
+      raise ValueError(
+        f'Episode key {key!r} has non-numeric dtype {value.dtype}.')
+    if key in _NDIMS and value.ndim != _NDIMS[key]:
+      raise ValueError(
+        f'Episode key {key!r} must have {_NDIMS[key]} dims, '
+        f'got shape {value.shape}.')
+    arrays[key] = value
+  if arrays['image'].dtype != np.uint8:
+    raise ValueError(
+      f"Episode 'image' must be uint8, got {arrays['image'].dtype}.")
+  lengths = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
+  if len(set(lengths.values())) != 1 or lengths['image'] < 1:
+    raise ValueError(
+      f'Episode arrays must share one leading length >= 1, '
+      f'got {lengths}.')
+  return arrays
 
 
 def save_episode(directory, episode):
-    """Write one episode to `directory` and return the path of its file.
+  """Write one episode to `directory` and return the path of its file.
 
-    Validates the episode (required keys, dims, uint8 image, numeric dtypes,
-    one shared length; ValueError otherwise) and stores float arrays as
-    float32. The data goes to `<final name>.tmp` first and is then renamed
-    with `os.replace`, so a crash mid-write never leaves a `.npz` that a
-    later run would read as an episode. Creates `directory` if needed.
-    """
-    arrays = _check_episode(episode)
-    directory = pathlib.Path(directory).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
-    length = len(arrays['image'])
-    path = directory / f'{stamp}-{uuid.uuid4().hex}-{length}.npz'
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        # A file object, because np.savez_compressed appends '.npz' to names.
-        with open(tmp, 'wb') as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+  Validates the episode (required keys, dims, uint8 image, numeric dtypes,
+  one shared length; ValueError otherwise) and stores float arrays as
+  float32. The data goes to `<final name>.tmp` first and is then renamed
+  with `os.replace`, so a crash mid-write never leaves a `.npz` that a
+  later run would read as an episode. Creates `directory` if needed.
+  """
+  arrays = _check_episode(episode)
+  directory = pathlib.Path(directory).expanduser()
+  directory.mkdir(parents=True, exist_ok=True)
+  stamp = datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
+  length = len(arrays['image'])
+  path = directory / f'{stamp}-{uuid.uuid4().hex}-{length}.npz'
+  tmp = path.with_name(path.name + '.tmp')
+  try:
+    # A file object, because np.savez_compressed appends '.npz' to names.
+    with open(tmp, 'wb') as f:
+      np.savez_compressed(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  return path
 
 
 def _read_episode(path):
-    """Load and validate one episode file; raises one of _READ_ERRORS."""
-    # Our own handle, so that it is closed even when np.load fails.
-    with open(path, 'rb') as f, np.load(f, allow_pickle=False) as data:
-        episode = {key: data[key] for key in data.files}
-    return _check_episode(episode)
+  """Load and validate one episode file; raises one of _READ_ERRORS."""
+  # Our own handle, so that it is closed even when np.load fails.
+  with open(path, 'rb') as f, np.load(f, allow_pickle=False) as data:
+    episode = {key: data[key] for key in data.files}
+  return _check_episode(episode)
 
 
 def load_episodes(directory, cache=None, min_length=0):
-    """Load every episode file in `directory` that is not yet in `cache`.
+  """Load every episode file in `directory` that is not yet in `cache`.
 
-    `cache` maps file names (not full paths) to episodes; it is updated in
-    place and returned (a new dict if None). Files are read in sorted name
-    order. Episodes shorter than `min_length` are skipped; when the length
-    is in the file name they are skipped without reading the file.
-    Unreadable or truncated files are skipped with a warning naming the file
-    and are not retried until they change. Temporary `.tmp` files are never
-    read. Float arrays are returned as float32. A missing directory adds
-    nothing.
-    """
-    cache = {} if cache is None else cache
-    directory = pathlib.Path(directory).expanduser()
-    if not directory.is_dir():
-        return cache
-    for path in sorted(directory.glob('*.npz')):
-        named_length = _length_from_name(path)
-        if path.name in cache or (
-                named_length is not None and named_length < min_length):
-            continue
-        try:
-            stat = path.stat()
-        except OSError:
-            continue  # Deleted since the glob.
-        marker = (str(path), stat.st_size, stat.st_mtime_ns)
-        if marker in _UNREADABLE:
-            continue
-        try:
-            episode = _read_episode(path)
-        except _READ_ERRORS as error:
-            _UNREADABLE.add(marker)
-            warnings.warn(f'Skipping unreadable episode file {path}: '
-                          f'{type(error).__name__}: {error}')
-            continue
-        if len(episode['image']) >= min_length:
-            cache[path.name] = episode
+  `cache` maps file names (not full paths) to episodes; it is updated in
+  place and returned (a new dict if None). Files are read in sorted name
+  order. Episodes shorter than `min_length` are skipped; when the length
+  is in the file name they are skipped without reading the file.
+  Unreadable or truncated files are skipped with a warning naming the file
+  and are not retried until they change. Temporary `.tmp` files are never
+  read. Float arrays are returned as float32. A missing directory adds
+  nothing.
+  """
+  cache = {} if cache is None else cache
+  directory = pathlib.Path(directory).expanduser()
+  if not directory.is_dir():
     return cache
+  for path in sorted(directory.glob('*.npz')):
+    named_length = _length_from_name(path)
+    if path.name in cache or (
+        named_length is not None and named_length < min_length):
+      continue
+    try:
+      stat = path.stat()
+    except OSError:
+      continue  # Deleted since the glob.
+    marker = (str(path), stat.st_size, stat.st_mtime_ns)
+    if marker in _UNREADABLE:
+      continue
+    try:
+      episode = _read_episode(path)
+    except _READ_ERRORS as error:
+      _UNREADABLE.add(marker)
+      warnings.warn(f'Skipping unreadable episode file {path}: '
+             f'{type(error).__name__}: {error}')
+      continue
+    if len(episode['image']) >= min_length:
+      cache[path.name] = episode
+  return cache
 
 
 def count_steps(directory, action_repeat):
-    """Environment steps stored in `directory`, from the file names alone.
+  """Environment steps stored in `directory`, from the file names alone.
 
-    Sums (L - 1) * action_repeat over the `*.npz` files, since L counts the
-    reset step. Names without a length are skipped with a warning. A missing
-    directory holds 0 steps.
-    """
-    directory = pathlib.Path(directory).expanduser()
-    if not directory.is_dir():
-        return 0
-    total = 0
-    for path in directory.glob('*.npz'):
-        length = _length_from_name(path)
-        if length is None:
-            warnings.warn(f'Episode file name has no length: {path}')
-            continue
-        total += max(length - 1, 0) * action_repeat
-    return total
+  Sums (L - 1) * action_repeat over the `*.npz` files, since L counts the
+  reset step. Names without a length are skipped with a warning. A missing
+  directory holds 0 steps.
+  """
+  directory = pathlib.Path(directory).expanduser()
+  if not directory.is_dir():
+    return 0
+  total = 0
+  for path in directory.glob('*.npz'):
+    length = _length_from_name(path)
+    if length is None:
+      warnings.warn(f'Episode file name has no length: {path}')
+      continue
+    total += max(length - 1, 0) * action_repeat
+  return total
 
 
 def _usable(directory, cache, length, timeout, poll=0.5):
-    """Sorted names of cached episodes >= `length` steps, after a reload.
+  """Sorted names of cached episodes >= `length` steps, after a reload.
 
-    Polls `directory` until there is one, for up to `timeout` seconds, then
-    raises RuntimeError.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        if directory is not None:
-            load_episodes(directory, cache, min_length=length)
-        names = sorted(k for k, v in list(cache.items())
-                       if len(v['image']) >= length)
-        if names:
-            return names
-        if directory is None or time.monotonic() >= deadline:
-            where = directory if directory is not None else 'the cache'
-            raise RuntimeError(
-                f'No episode with at least {length} steps in {where} after '
-                f'waiting {timeout:g} s. The prefill writes the first '
-                f'episodes; check the directory and that batch_length is '
-                f'not longer than the episodes.')
-        time.sleep(poll)
+  Polls `directory` until there is one, for up to `timeout` seconds, then
+  raises RuntimeError.
+  """
+  deadline = time.monotonic() + timeout
+  while True:
+    if directory is not None:
+      load_episodes(directory, cache, min_length=length)
+    names = sorted(k for k, v in list(cache.items())
+            if len(v['image']) >= length)
+    if names:
+      return names
+    if directory is None or time.monotonic() >= deadline:
+      where = directory if directory is not None else 'the cache'
+      raise RuntimeError(
+        f'No episode with at least {length} steps in {where} after '
+        f'waiting {timeout:g} s. The prefill writes the first '
+        f'episodes; check the directory and that batch_length is '
+        f'not longer than the episodes.')
+    time.sleep(poll)
 
 
 def sample_windows(directory, length, balance=False, seed=None, *,
-                   cache=None, keys=None, reload_every=100, timeout=30.0):
-    """Infinite generator of windows of `length` consecutive steps.
+          cache=None, keys=None, reload_every=100, timeout=30.0):
+  """Infinite generator of windows of `length` consecutive steps.
 
-    Each window is a dict (all the episode's keys, or only `keys`) of new
-    arrays cut from one episode. The episode is chosen uniformly among those
-    with L >= length, then the start uniformly in [0, L - length] inclusive.
-    With `balance`, the start is `min(randint(0, L), L - length)`, which
-    favours the end of the episode as in the reference.
+  Each window is a dict (all the episode's keys, or only `keys`) of new
+  arrays cut from one episode. The episode is chosen uniformly among those
+  with L >= length, then the start uniformly in [0, L - length] inclusive.
+  With `balance`, the start is `min(randint(0, L), L - length)`, which
+  favours the end of the episode as in the reference.
 
-    `directory` is re-read through `cache` (so only new files are loaded)
-    every `reload_every` windows; this picks up episodes written after the
-    generator started. If no episode is long enough, it polls the directory
-    for up to `timeout` seconds and then raises RuntimeError. With
-    `directory=None` it samples only from the episodes already in `cache`.
-    """
-    if length < 1:
-        raise ValueError(f'Window length must be >= 1, got {length}.')
-    rng = np.random.default_rng(seed)
-    cache = {} if cache is None else cache
-    names = []
-    for count in itertools.count():
-        if not names or (directory is not None and count % reload_every == 0):
-            names = _usable(directory, cache, length, timeout)
-        episode = cache[names[int(rng.integers(0, len(names)))]]
-        total = len(episode['image'])
-        if balance:
-            start = min(int(rng.integers(0, total)), total - length)
-        else:
-            start = int(rng.integers(0, total - length + 1))
-        yield {k: np.array(episode[k][start:start + length])
-               for k in (episode if keys is None else keys)}
+  `directory` is re-read through `cache` (so only new files are loaded)
+  every `reload_every` windows; this picks up episodes written after the
+  generator started. If no episode is long enough, it polls the directory
+  for up to `timeout` seconds and then raises RuntimeError. With
+  `directory=None` it samples only from the episodes already in `cache`.
+  """
+  if length < 1:
+    raise ValueError(f'Window length must be >= 1, got {length}.')
+  rng = np.random.default_rng(seed)
+  cache = {} if cache is None else cache
+  names = []
+  for count in itertools.count():
+    if not names or (directory is not None and count % reload_every == 0):
+      names = _usable(directory, cache, length, timeout)
+    episode = cache[names[int(rng.integers(0, len(names)))]]
+    total = len(episode['image'])
+    if balance:
+      start = min(int(rng.integers(0, total)), total - length)
+    else:
+      start = int(rng.integers(0, total - length + 1))
+    yield {k: np.array(episode[k][start:start + length])
+        for k in (episode if keys is None else keys)}
 
 
 def make_dataset(directory, batch_size, batch_length, balance=False,
-                 seed=None, keys=REQUIRED_KEYS, *, reload_every=100,
-                 timeout=30.0, prefetch=10):
-    """A `tf.data.Dataset` of dict batches `[batch_size, batch_length, ...]`.
+         seed=None, keys=REQUIRED_KEYS, *, reload_every=100,
+         timeout=30.0, prefetch=10):
+  """A `tf.data.Dataset` of dict batches `[batch_size, batch_length, ...]`.
 
-    Windows come from `sample_windows` (see there for sampling, reloading and
-    waiting). The output signature is explicit; dtypes and trailing shapes
-    are those of the first usable episode: image uint8 [T, H, W, C], action
-    float32 [T, A], reward and discount float32 [T]. `prefetch` batches are
-    prepared ahead, as in the reference.
-    """
-    cache = {}
-    first = cache[_usable(directory, cache, batch_length, timeout)[0]]
-    missing = [k for k in keys if k not in first]
-    if missing:
-        raise ValueError(f'Episodes have no keys {missing}; '
-                         f'they have {sorted(first)}.')
-    signature = {
-        k: tf.TensorSpec((batch_length,) + first[k].shape[1:],
-                         tf.as_dtype(first[k].dtype))
-        for k in keys}
+  Windows come from `sample_windows` (see there for sampling, reloading and
+  waiting). The output signature is explicit; dtypes and trailing shapes
+  are those of the first usable episode: image uint8 [T, H, W, C], action
+  float32 [T, A], reward and discount float32 [T]. `prefetch` batches are
+  prepared ahead, as in the reference.
+  """
+  cache = {}
+  first = cache[_usable(directory, cache, batch_length, timeout)[0]]
+  missing = [k for k in keys if k not in first]
+  if missing:
+    raise ValueError(f'Episodes have no keys {missing}; '
+             f'they have {sorted(first)}.')
+  signature = {
+    k: tf.TensorSpec((batch_length,) + first[k].shape[1:],
+             tf.as_dtype(first[k].dtype))
+    for k in keys}
 
-    def windows():
-        return sample_windows(
-            directory, batch_length, balance, seed, cache=cache, keys=keys,
-            reload_every=reload_every, timeout=timeout)
+  def windows():
+    return sample_windows(
+      directory, batch_length, balance, seed, cache=cache, keys=keys,
+      reload_every=reload_every, timeout=timeout)
 
-    dataset = tf.data.Dataset.from_generator(
-        windows, output_signature=signature)
-    dataset = dataset.batch(batch_size, drop_remainder=True)
-    return dataset.prefetch(prefetch)
+  dataset = tf.data.Dataset.from_generator(
+    windows, output_signature=signature)
+  dataset = dataset.batch(batch_size, drop_remainder=True)
+  return dataset.prefetch(prefetch)

@@ -17,193 +17,193 @@ KEYS = ('image', 'action', 'reward', 'discount')
 
 
 def make_episode(episode_id, length, size=64):
-    """Synthetic episode whose values encode (episode_id, t)."""
-    t = np.arange(length)
-    image = np.zeros((length, size, size, 3), np.uint8)
-    image[:] = (t % 256).astype(np.uint8)[:, None, None, None]
-    action = np.stack([np.full(length, episode_id), t], -1)
-    return {
-        'image': image,
-        'action': action.astype(np.float32),
-        'reward': (episode_id * 1000 + t).astype(np.float32),
-        'discount': np.ones(length, np.float32),
-    }
+  """Synthetic episode whose values encode (episode_id, t)."""
+  t = np.arange(length)
+  image = np.zeros((length, size, size, 3), np.uint8)
+  image[:] = (t % 256).astype(np.uint8)[:, None, None, None]
+  action = np.stack([np.full(length, episode_id), t], -1)
+  return {
+    'image': image,
+    'action': action.astype(np.float32),
+    'reward': (episode_id * 1000 + t).astype(np.float32),
+    'discount': np.ones(length, np.float32),
+  }
 
 
 def check_window(window):
-    """Assert a window is consecutive steps of one synthetic episode."""
-    ids, times = np.divmod(window['reward'].astype(np.int64), 1000)
-    assert (ids == ids[0]).all(), ids
-    np.testing.assert_array_equal(np.diff(times), 1)
-    np.testing.assert_array_equal(window['action'][:, 0], ids)
-    np.testing.assert_array_equal(window['action'][:, 1], times)
-    np.testing.assert_array_equal(window['image'][:, -1, -1, -1], times % 256)
-    return int(ids[0]), int(times[0])
+  """Assert a window is consecutive steps of one synthetic episode."""
+  ids, times = np.divmod(window['reward'].astype(np.int64), 1000)
+  assert (ids == ids[0]).all(), ids
+  np.testing.assert_array_equal(np.diff(times), 1)
+  np.testing.assert_array_equal(window['action'][:, 0], ids)
+  np.testing.assert_array_equal(window['action'][:, 1], times)
+  np.testing.assert_array_equal(window['image'][:, -1, -1, -1], times % 256)
+  return int(ids[0]), int(times[0])
 
 
 def test_save_load_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    episode = {
-        'image': rng.integers(0, 256, (7, 64, 64, 3), dtype=np.uint8),
-        'action': rng.uniform(-1, 1, (7, 2)).astype(np.float32),
-        'reward': rng.normal(size=7).astype(np.float32),
-        'discount': np.array([1, 1, 1, 1, 1, 1, 0], np.float32),
-        'position': rng.normal(size=(7, 3)),  # float64 is written as float32
-    }
-    path = replay.save_episode(tmp_path / 'episodes', episode)
-    assert re.fullmatch(r'\d{8}T\d{6}-[0-9a-f]{32}-7\.npz', path.name)
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
-    loaded = replay.load_episodes(path.parent)
-    assert list(loaded) == [path.name]
-    assert sorted(loaded[path.name]) == sorted(episode)
-    for key, value in loaded[path.name].items():
-        expected = episode[key]
-        if expected.dtype == np.float64:
-            expected = expected.astype(np.float32)
-        assert value.dtype == expected.dtype, key
-        np.testing.assert_array_equal(value, expected)
-    assert replay.load_episodes(path.parent, min_length=8) == {}
+  rng = np.random.default_rng(0)
+  episode = {
+    'image': rng.integers(0, 256, (7, 64, 64, 3), dtype=np.uint8),
+    'action': rng.uniform(-1, 1, (7, 2)).astype(np.float32),
+    'reward': rng.normal(size=7).astype(np.float32),
+    'discount': np.array([1, 1, 1, 1, 1, 1, 0], np.float32),
+    'position': rng.normal(size=(7, 3)),  # float64 is written as float32
+  }
+  path = replay.save_episode(tmp_path / 'episodes', episode)
+  assert re.fullmatch(r'\d{8}T\d{6}-[0-9a-f]{32}-7\.npz', path.name)
+  assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+  loaded = replay.load_episodes(path.parent)
+  assert list(loaded) == [path.name]
+  assert sorted(loaded[path.name]) == sorted(episode)
+  for key, value in loaded[path.name].items():
+    expected = episode[key]
+    if expected.dtype == np.float64:
+      expected = expected.astype(np.float32)
+    assert value.dtype == expected.dtype, key
+    np.testing.assert_array_equal(value, expected)
+  assert replay.load_episodes(path.parent, min_length=8) == {}
 
 
 def test_failed_write_leaves_no_episode(tmp_path, monkeypatch):
-    def broken_savez(file, **arrays):
-        file.write(b'PK partial')
-        raise OSError('disk full')
-    monkeypatch.setattr(replay.np, 'savez_compressed', broken_savez)
-    with pytest.raises(OSError, match='disk full'):
-        replay.save_episode(tmp_path, make_episode(0, 5, 4))
-    assert list(tmp_path.iterdir()) == []
+  def broken_savez(file, **arrays):
+    file.write(b'PK partial')
+    raise OSError('disk full')
+  monkeypatch.setattr(replay.np, 'savez_compressed', broken_savez)
+  with pytest.raises(OSError, match='disk full'):
+    replay.save_episode(tmp_path, make_episode(0, 5, 4))
+  assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize('change', [
-    lambda e: e.pop('discount'),
-    lambda e: e.update(reward=e['reward'][:-1]),
-    lambda e: e.update(image=e['image'].astype(np.float32)),
-    lambda e: e.update(action=e['action'][:, 0]),
-    lambda e: e.update(note=np.array(['a'] * 5)),
+  lambda e: e.pop('discount'),
+  lambda e: e.update(reward=e['reward'][:-1]),
+  lambda e: e.update(image=e['image'].astype(np.float32)),
+  lambda e: e.update(action=e['action'][:, 0]),
+  lambda e: e.update(note=np.array(['a'] * 5)),
 ])
 def test_save_rejects_bad_episodes(tmp_path, change):
-    episode = make_episode(0, 5)
-    change(episode)
-    with pytest.raises(ValueError):
-        replay.save_episode(tmp_path, episode)
-    assert list(tmp_path.iterdir()) == []
+  episode = make_episode(0, 5)
+  change(episode)
+  with pytest.raises(ValueError):
+    replay.save_episode(tmp_path, episode)
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_reference_episode_files():
-    episodes = replay.load_episodes(FIXTURES)
-    assert len(episodes) == 2
-    for episode in episodes.values():
-        assert episode['image'].shape == (101, 64, 64, 3)
-        assert episode['image'].dtype == np.uint8
-        assert episode['action'].shape == (101, 1)
-        for key in ('action', 'reward', 'discount'):
-            assert episode[key].dtype == np.float32
-            assert len(episode[key]) == 101
-    assert replay.count_steps(FIXTURES, action_repeat=2) == 400
-    dataset = replay.make_dataset(FIXTURES, 3, 50, seed=0)
-    for batch in dataset.take(2):
-        assert batch['image'].shape == (3, 50, 64, 64, 3)
-        assert batch['action'].shape == (3, 50, 1)
-        assert batch['reward'].shape == batch['discount'].shape == (3, 50)
-        for row in batch['reward'].numpy():
-            assert any(
-                np.array_equal(row, e['reward'][s:s + 50])
-                for e in episodes.values() for s in range(52))
+  episodes = replay.load_episodes(FIXTURES)
+  assert len(episodes) == 2
+  for episode in episodes.values():
+    assert episode['image'].shape == (101, 64, 64, 3)
+    assert episode['image'].dtype == np.uint8
+    assert episode['action'].shape == (101, 1)
+    for key in ('action', 'reward', 'discount'):
+      assert episode[key].dtype == np.float32
+      assert len(episode[key]) == 101
+  assert replay.count_steps(FIXTURES, action_repeat=2) == 400
+  dataset = replay.make_dataset(FIXTURES, 3, 50, seed=0)
+  for batch in dataset.take(2):
+    assert batch['image'].shape == (3, 50, 64, 64, 3)
+    assert batch['action'].shape == (3, 50, 1)
+    assert batch['reward'].shape == batch['discount'].shape == (3, 50)
+    for row in batch['reward'].numpy():
+      assert any(
+        np.array_equal(row, e['reward'][s:s + 50])
+        for e in episodes.values() for s in range(52))
 
 
 def test_reads_reference_float16(tmp_path):
-    episode = make_episode(3, 6)
-    half = {k: v.astype(np.float16) if v.dtype == np.float32 else v
-            for k, v in episode.items()}
-    np.savez_compressed(tmp_path / '20200101T000000-abc-6.npz', **half)
-    loaded = replay.load_episodes(tmp_path)['20200101T000000-abc-6.npz']
-    for key in ('action', 'reward', 'discount'):
-        assert loaded[key].dtype == np.float32
-        np.testing.assert_array_equal(loaded[key], half[key])
-    # Without a length in the name, min_length applies after loading.
-    (tmp_path / '20200101T000000-abc-6.npz').rename(tmp_path / 'x.npz')
-    assert replay.load_episodes(tmp_path, min_length=7) == {}
-    assert list(replay.load_episodes(tmp_path, min_length=6)) == ['x.npz']
+  episode = make_episode(3, 6)
+  half = {k: v.astype(np.float16) if v.dtype == np.float32 else v
+      for k, v in episode.items()}
+  np.savez_compressed(tmp_path / '20200101T000000-abc-6.npz', **half)
+  loaded = replay.load_episodes(tmp_path)['20200101T000000-abc-6.npz']
+  for key in ('action', 'reward', 'discount'):
+    assert loaded[key].dtype == np.float32
+    np.testing.assert_array_equal(loaded[key], half[key])
+  # Without a length in the name, min_length applies after loading.
+  (tmp_path / '20200101T000000-abc-6.npz').rename(tmp_path / 'x.npz')
+  assert replay.load_episodes(tmp_path, min_length=7) == {}
+  assert list(replay.load_episodes(tmp_path, min_length=6)) == ['x.npz']
 
 
 def test_count_steps_reads_names_only(tmp_path):
-    (tmp_path / '20200101T000000-aaaa-11.npz').write_bytes(b'not a zip')
-    (tmp_path / '20200101T000000-bbbb-6.npz').write_bytes(b'')
-    (tmp_path / '20200101T000000-cccc-50.npz.tmp').write_bytes(b'')
-    assert replay.count_steps(tmp_path, action_repeat=3) == (10 + 5) * 3
-    assert replay.count_steps(tmp_path / 'missing', action_repeat=2) == 0
+  (tmp_path / '20200101T000000-aaaa-11.npz').write_bytes(b'not a zip')
+  (tmp_path / '20200101T000000-bbbb-6.npz').write_bytes(b'')
+  (tmp_path / '20200101T000000-cccc-50.npz.tmp').write_bytes(b'')
+  assert replay.count_steps(tmp_path, action_repeat=3) == (10 + 5) * 3
+  assert replay.count_steps(tmp_path / 'missing', action_repeat=2) == 0
 
 
 def test_truncated_and_temp_files_are_skipped(tmp_path):
-    good, other = sorted(FIXTURES.glob('*.npz'))
-    shutil.copy(good, tmp_path)
-    data = other.read_bytes()
-    (tmp_path / other.name).write_bytes(data[:len(data) // 2])
-    (tmp_path / (other.name + '.tmp')).write_bytes(data)
-    with pytest.warns(UserWarning, match=re.escape(other.name)):
-        episodes = replay.load_episodes(tmp_path)
-    assert list(episodes) == [good.name]
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')  # Not retried, so no second warning.
-        assert list(replay.load_episodes(tmp_path)) == [good.name]
-    assert replay.count_steps(tmp_path, 2) == 400  # The .tmp is not counted.
-    batch = next(iter(replay.make_dataset(tmp_path, 2, 10, seed=0)))
-    assert batch['image'].shape == (2, 10, 64, 64, 3)
+  good, other = sorted(FIXTURES.glob('*.npz'))
+  shutil.copy(good, tmp_path)
+  data = other.read_bytes()
+  (tmp_path / other.name).write_bytes(data[:len(data) // 2])
+  (tmp_path / (other.name + '.tmp')).write_bytes(data)
+  with pytest.warns(UserWarning, match=re.escape(other.name)):
+    episodes = replay.load_episodes(tmp_path)
+  assert list(episodes) == [good.name]
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # Not retried, so no second warning.
+    assert list(replay.load_episodes(tmp_path)) == [good.name]
+  assert replay.count_steps(tmp_path, 2) == 400  # The .tmp is not counted.
+  batch = next(iter(replay.make_dataset(tmp_path, 2, 10, seed=0)))
+  assert batch['image'].shape == (2, 10, 64, 64, 3)
 
 
 @pytest.mark.parametrize('balance', [False, True])
 def test_batches_never_cross_episodes(tmp_path, balance):
-    for episode_id, length in enumerate([8, 9, 13, 20, 3]):
-        replay.save_episode(tmp_path, make_episode(episode_id, length))
-    dataset = replay.make_dataset(tmp_path, 4, 8, balance=balance, seed=1)
-    used = set()
-    for batch in dataset.take(30):
-        batch = {k: v.numpy() for k, v in batch.items()}
-        assert batch['image'].shape == (4, 8, 64, 64, 3)
-        assert batch['image'].dtype == np.uint8
-        assert batch['action'].shape == (4, 8, 2)
-        assert batch['reward'].shape == batch['discount'].shape == (4, 8)
-        for key in ('action', 'reward', 'discount'):
-            assert batch[key].dtype == np.float32
-        for b in range(4):
-            used.add(check_window({k: v[b] for k, v in batch.items()})[0])
-    assert used == {0, 1, 2, 3}  # Episode 4 (3 steps) is too short.
+  for episode_id, length in enumerate([8, 9, 13, 20, 3]):
+    replay.save_episode(tmp_path, make_episode(episode_id, length))
+  dataset = replay.make_dataset(tmp_path, 4, 8, balance=balance, seed=1)
+  used = set()
+  for batch in dataset.take(30):
+    batch = {k: v.numpy() for k, v in batch.items()}
+    assert batch['image'].shape == (4, 8, 64, 64, 3)
+    assert batch['image'].dtype == np.uint8
+    assert batch['action'].shape == (4, 8, 2)
+    assert batch['reward'].shape == batch['discount'].shape == (4, 8)
+    for key in ('action', 'reward', 'discount'):
+      assert batch[key].dtype == np.float32
+    for b in range(4):
+      used.add(check_window({k: v[b] for k, v in batch.items()})[0])
+  assert used == {0, 1, 2, 3}  # Episode 4 (3 steps) is too short.
 
 
 def test_every_window_start_is_sampled():
-    cache = {'a': make_episode(0, 12, 4), 'b': make_episode(1, 5, 4),
-             'c': make_episode(2, 4, 4)}
-    windows = replay.sample_windows(None, 5, seed=0, cache=cache)
-    counts = collections.Counter(
-        check_window(w) for w in itertools.islice(windows, 4000))
-    assert set(counts) == {(0, s) for s in range(8)} | {(1, 0)}
-    assert 1800 < counts[(1, 0)] < 2200  # Episodes are chosen uniformly.
-    for start in range(8):
-        assert 180 < counts[(0, start)] < 320  # ~250 each.
+  cache = {'a': make_episode(0, 12, 4), 'b': make_episode(1, 5, 4),
+       'c': make_episode(2, 4, 4)}
+  windows = replay.sample_windows(None, 5, seed=0, cache=cache)
+  counts = collections.Counter(
+    check_window(w) for w in itertools.islice(windows, 4000))
+  assert set(counts) == {(0, s) for s in range(8)} | {(1, 0)}
+  assert 1800 < counts[(1, 0)] < 2200  # Episodes are chosen uniformly.
+  for start in range(8):
+    assert 180 < counts[(0, start)] < 320  # ~250 each.
 
 
 def test_balance_favours_the_end():
-    cache = {'a': make_episode(0, 12, 4)}
-    windows = replay.sample_windows(None, 5, True, seed=0, cache=cache)
-    counts = collections.Counter(
-        check_window(w)[1] for w in itertools.islice(windows, 3000))
-    assert set(counts) == set(range(8))
-    assert 0.37 < counts[7] / 3000 < 0.46  # P(last start) = 5/12.
+  cache = {'a': make_episode(0, 12, 4)}
+  windows = replay.sample_windows(None, 5, True, seed=0, cache=cache)
+  counts = collections.Counter(
+    check_window(w)[1] for w in itertools.islice(windows, 3000))
+  assert set(counts) == set(range(8))
+  assert 0.37 < counts[7] / 3000 < 0.46  # P(last start) = 5/12.
 
 
 def test_new_episodes_are_picked_up(tmp_path):
-    replay.save_episode(tmp_path, make_episode(0, 10, 4))
-    windows = replay.sample_windows(tmp_path, 5, seed=0, reload_every=10)
-    assert {check_window(next(windows))[0] for _ in range(20)} == {0}
-    replay.save_episode(tmp_path, make_episode(1, 10, 4))
-    ids = [check_window(next(windows))[0] for _ in range(200)]
-    assert ids.count(1) > 50
+  replay.save_episode(tmp_path, make_episode(0, 10, 4))
+  windows = replay.sample_windows(tmp_path, 5, seed=0, reload_every=10)
+  assert {check_window(next(windows))[0] for _ in range(20)} == {0}
+  replay.save_episode(tmp_path, make_episode(1, 10, 4))
+  ids = [check_window(next(windows))[0] for _ in range(200)]
+  assert ids.count(1) > 50
 
 
 def test_no_usable_episode_raises(tmp_path):
-    with pytest.raises(RuntimeError, match='No episode'):
-        next(replay.sample_windows(tmp_path, 5, timeout=0.2))
-    replay.save_episode(tmp_path, make_episode(0, 4, 4))
-    with pytest.raises(RuntimeError, match='at least 5 steps'):
-        replay.make_dataset(tmp_path, 2, 5, timeout=0.2)
+  with pytest.raises(RuntimeError, match='No episode'):
+    next(replay.sample_windows(tmp_path, 5, timeout=0.2))
+  replay.save_episode(tmp_path, make_episode(0, 4, 4))
+  with pytest.raises(RuntimeError, match='at least 5 steps'):
+    replay.make_dataset(tmp_path, 2, 5, timeout=0.2)

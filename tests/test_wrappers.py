@@ -83,7 +83,11 @@ def test_check_rendering(monkeypatch):
   with pytest.raises(RuntimeError, match='libegl1 libegl-mesa0 libgl1-mesa-dri'):
     wrappers.check_rendering()
   monkeypatch.setenv('MUJOCO_GL', 'osmesa')
-  wrappers.check_rendering()
+  with pytest.raises(RuntimeError, match='libosmesa6'):
+    wrappers.check_rendering()
+  monkeypatch.setenv('MUJOCO_GL', 'vulkan')
+  with pytest.raises(RuntimeError, match='not a rendering backend'):
+    wrappers.check_rendering()
 
 
 def test_dmc_observations_in_one_worker():
