@@ -114,7 +114,6 @@ class Dreamer:
 
   def _train(self, data):
     """One update of model, actor and value on a batch; returns metrics."""
-    c = self.config
     data = self.preprocess(data)
     with tf.GradientTape(persistent=True) as tape:
       model_loss, post, metrics = self.world_model_loss(data)

@@ -105,9 +105,13 @@ def test_eval_of_a_logdir_without_checkpoint_is_one_line(tmp_path):
 def test_eval_of_a_checkpoint_of_another_action_space(tmp_path):
   # A cartpole (1 action dim) checkpoint under a config that says walker
   # (6 dims): the shapes do not fit, which is one clear line.
+  # Two environments, each in its own worker process.
   first = run('--logdir', tmp_path, '--task', 'dmc_cartpole_balance', *TINY,
-              '--steps', 600, '--prefill', 400, '--eval_every', 200)
+              '--steps', 1000, '--prefill', 400, '--eval_every', 200,
+              '--envs', 2, '--parallel', 'process')
   assert first.returncode == 0, first.stderr[-3000:]
+  # 2 envs x 100 agent steps x repeat 2 per episode: 400 steps per pair.
+  assert len(list((tmp_path / 'episodes').glob('*.npz'))) == 4
   config = json.loads((tmp_path / 'config.json').read_text())
   config['task'] = 'dmc_walker_walk'
   (tmp_path / 'config.json').write_text(json.dumps(config))
