@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import random
+import signal
 import sys
 import time
 import types
@@ -465,6 +466,10 @@ def evaluate_checkpoint(config):
   return result
 
 
+def _raise_interrupt(signum, frame):
+  raise KeyboardInterrupt
+
+
 def main(argv=None):
   try:
     config = parse_args(argv)
@@ -484,6 +489,8 @@ def main(argv=None):
     json.dump(vars(config), f, indent=2)
   print(f'Logdir {logdir}, task {config.task}.')
   run = Run(config)
+  # A scheduler's SIGTERM saves like Ctrl-C does.
+  signal.signal(signal.SIGTERM, _raise_interrupt)
   try:
     run.train_loop()
   except KeyboardInterrupt:

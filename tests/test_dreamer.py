@@ -192,7 +192,8 @@ def test_presets_and_flag_precedence():
     dreamer.parse_args(['--logdir', 'x', '--preset', 'gpu'])
 
 
-def test_interrupt_saves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize('signum', ['SIGINT', 'SIGTERM'])
+def test_interrupt_saves_a_checkpoint(tmp_path, signum):
   import signal
   import time
   logdir = tmp_path / 'run'
@@ -208,7 +209,7 @@ def test_interrupt_saves_a_checkpoint(tmp_path):
       assert process.poll() is None, process.communicate()[1][-2000:]
       assert time.time() < deadline
       time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signum))
     stdout, stderr = process.communicate(timeout=120)
   finally:
     process.kill()
