@@ -225,12 +225,15 @@ class Optimizer:
     """Unscaled gradients of `loss`, taken from a scaled backward pass."""
     if loss.shape.ndims != 0:
       raise ValueError(f'{self.name} loss must be a scalar, got {loss.shape}.')
-    grads = tape.gradient(
-        loss, self.variables, output_gradients=self.loss_scale)
+    scale = self.loss_scale.read_value() if self._dynamic else None
+    grads = tape.gradient(loss, self.variables, output_gradients=scale)
     missing = [v.path for v, g in zip(self.variables, grads) if g is None]
     if missing:
       raise ValueError(f'The {self.name} loss does not reach: {missing}.')
-    return [tf.cast(g, tf.float32) / self.loss_scale for g in grads]
+    grads = [tf.cast(g, tf.float32) for g in grads]
+    if self._dynamic:
+      grads = [g / scale for g in grads]
+    return grads
 
   def step(self, tape, loss):
     grads = self.gradients(tape, loss)
