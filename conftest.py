@@ -1,4 +1,5 @@
-"""Makes the repository importable from tests and quiets TensorFlow's C++ logs."""
+"""Quiets TensorFlow's C++ logs in the tests (pytest.ini makes the
+repository importable)."""
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')

@@ -1,11 +1,11 @@
 """Dreamer (V1): train an agent on DeepMind Control or Atari from pixels.
 
-  python dreamer.py --logdir ./logdir/dmc_walker_walk/dreamer/0 --task dmc_walker_walk
+  python dreamer.py --logdir ./logdir/dmc_walker_walk/dreamer/0 \
+      --task dmc_walker_walk
 
-Every key of `define_config()` is a command-line flag.
+Every flag of `define_flags()` is a command-line flag; --help lists them.
 """
 
-import argparse
 import functools
 import json
 import os
@@ -21,76 +21,91 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import numpy as np  # noqa: E402
 
 import wrappers  # noqa: E402  (never imports TensorFlow; workers import it)
+from dreamer_tf import (
+  flags,  # noqa: E402  (imports no TensorFlow)
+  replay,  # noqa: E402  (TensorFlow only for datasets)
+)
 
 # TensorFlow is imported inside main() only: spawned environment workers may
 # import this module, and TensorFlow must never load next to EGL rendering.
 
 
+def define_flags():
+  """Every setting, with the paper's defaults (docs/design.md section 6) and
+  what it does. Each becomes a `--flag`; `--help` lists them in these groups."""
+  f = flags.Flags()
+  f.group('General')
+  f('logdir', None, 'Run folder: episodes, metrics, checkpoints.')
+  f('seed', 0, 'Seeds Python, NumPy, TensorFlow and the environments.')
+  f('steps', int(5e6), 'Total environment steps (frames) to train for.')
+  f('eval_every', int(1e4), 'Evaluate one episode and save every N steps.')
+  f('log_every', int(1e3), 'Write train metrics every N steps.')
+  f('log_scalars', True, 'Write scalar metrics.')
+  f('log_images', True, 'Write open-loop prediction videos.')
+  f('gpu_growth', True, 'Let TensorFlow grow GPU memory as needed.')
+  f('precision', 16, '16: mixed bfloat16 on a CPU, mixed float16 on a GPU; '
+    '32: float32.')
+  f('mode', 'train', 'train, or eval: evaluate the checkpoint in --logdir.')
+  f('eval_episodes', 10, 'Episodes of --mode eval.')
+  f('preset', 'none', 'none, cpu or debug: a named group of flag values '
+    '(cpu: a one-hour learning check; debug: the tiny sizes of the tests). '
+    'Flags given on the command line win.')
+  f.group('Environment')
+  f('task', 'dmc_walker_walk', 'dmc_<domain>_<task> or atari_<game>.')
+  f('envs', 1, 'Parallel training environments.')
+  f('parallel', 'none', 'none: all envs in one worker process; process: one '
+    'worker each.')
+  f('action_repeat', 2, 'Environment steps per agent step.')
+  f('time_limit', 1000, 'Episode length in environment steps.')
+  f('prefill', 5000, 'Random-action environment steps before training.')
+  f('eval_noise', 0.0, 'Exploration amount during evaluation.')
+  f('clip_rewards', 'none', 'none, or tanh: squash rewards for training.')
+  f.group('Model')
+  f('deter_size', 200, 'GRU state size (also the RSSM hidden size).')
+  f('stoch_size', 30, 'Stochastic state size.')
+  f('num_units', 400, 'Units of the dense heads and the actor.')
+  f('dense_act', 'elu', 'Activation of the dense heads and the actor.')
+  f('cnn_act', 'relu', 'Activation of the encoder and decoder.')
+  f('cnn_depth', 32, 'Channel multiplier of the encoder and decoder.')
+  f('pcont', False, 'Learn a continuation (discount) head.')
+  f('free_nats', 3.0, 'KL below this (batch mean) gives no gradient.')
+  f('kl_scale', 1.0, 'Weight of the KL term.')
+  f('pcont_scale', 10.0, 'Weight of the continuation log-likelihood.')
+  f('weight_decay', 0.0, 'Decoupled weight decay (0: off).')
+  f('weight_decay_pattern', r'.*', 'Regex of variable paths to decay.')
+  f.group('Training')
+  f('batch_size', 50, 'Sequences per batch.')
+  f('batch_length', 50, 'Agent steps per sequence.')
+  f('train_every', 1000, 'Train every N environment steps.')
+  f('train_steps', 100, 'Updates per training occasion.')
+  f('pretrain', 100, 'Updates on the first occasion.')
+  f('model_lr', 6e-4, 'World model learning rate.')
+  f('value_lr', 8e-5, 'Value learning rate.')
+  f('actor_lr', 8e-5, 'Actor learning rate.')
+  f('grad_clip', 100.0, 'Global-norm gradient clipping.')
+  f('dataset_balance', False, 'Bias training windows towards episode ends.')
+  f.group('Behavior')
+  f('discount', 0.99, 'Discount of the imagined returns.')
+  f('disclam', 0.95, 'Lambda of the imagined returns.')
+  f('horizon', 15, 'Imagination horizon in agent steps.')
+  f('action_dist', 'tanh_normal', 'tanh_normal (continuous) or onehot '
+    '(discrete).')
+  f('action_init_std', 5.0, 'Initial std of the tanh-normal actor.')
+  f('expl', 'additive_gaussian', 'Exploration: additive_gaussian, '
+    'completely_random or epsilon_greedy.')
+  f('expl_amount', 0.3, 'Exploration amount.')
+  f('expl_decay', 0.0, 'Halve the amount every N steps (0: constant).')
+  f('expl_min', 0.0, 'Floor of the decayed amount.')
+  return f
+
+
 def define_config():
-  """Every setting, with the paper's defaults (DESIGN.md section 6)."""
-  c = types.SimpleNamespace()
-  # General.
-  c.logdir = None            # Run folder: episodes, metrics, checkpoints.
-  c.seed = 0                 # Seeds Python, NumPy, TensorFlow and the envs.
-  c.steps = int(5e6)         # Total environment steps (frames) to train for.
-  c.eval_every = int(1e4)    # Evaluate one episode and save every N steps.
-  c.log_every = int(1e3)     # Write train metrics every N steps.
-  c.log_scalars = True       # Write scalar metrics.
-  c.log_images = True        # Write open-loop prediction videos.
-  c.gpu_growth = True        # Let TensorFlow grow GPU memory as needed.
-  c.precision = 16           # 16: mixed bfloat16 on CPU, float16 on GPU; 32.
-  c.mode = 'train'           # train, or eval: evaluate <logdir>'s checkpoint.
-  c.eval_episodes = 10       # Episodes of --mode eval.
-  c.preset = 'none'          # none, cpu or debug (see PRESETS); flags win.
-  # Environment.
-  c.task = 'dmc_walker_walk'  # dmc_<domain>_<task> or atari_<game>.
-  c.envs = 1                 # Parallel training environments.
-  c.parallel = 'none'        # none: all envs in one worker; process: one each.
-  c.action_repeat = 2        # Environment steps per agent step.
-  c.time_limit = 1000        # Episode length in environment steps.
-  c.prefill = 5000           # Random-action environment steps before training.
-  c.eval_noise = 0.0         # Exploration amount during evaluation.
-  c.clip_rewards = 'none'    # none or tanh.
-  # Model.
-  c.deter_size = 200         # GRU state size (also the RSSM hidden size).
-  c.stoch_size = 30          # Stochastic state size.
-  c.num_units = 400          # Units of the dense heads and the actor.
-  c.dense_act = 'elu'        # Activation of the dense heads and the actor.
-  c.cnn_act = 'relu'         # Activation of the encoder and decoder.
-  c.cnn_depth = 32           # Channel multiplier of the encoder and decoder.
-  c.pcont = False            # Learn a continuation (discount) head.
-  c.free_nats = 3.0          # KL below this (batch mean) gives no gradient.
-  c.kl_scale = 1.0           # Weight of the KL term.
-  c.pcont_scale = 10.0       # Weight of the continuation log-likelihood.
-  c.weight_decay = 0.0       # Decoupled weight decay (0: off).
-  c.weight_decay_pattern = r'.*'  # Regex of variable paths to decay.
-  # Training.
-  c.batch_size = 50          # Sequences per batch.
-  c.batch_length = 50        # Steps per sequence.
-  c.train_every = 1000       # Train every N environment steps.
-  c.train_steps = 100        # Updates per training occasion.
-  c.pretrain = 100           # Updates on the first occasion.
-  c.model_lr = 6e-4          # World model learning rate.
-  c.value_lr = 8e-5          # Value learning rate.
-  c.actor_lr = 8e-5          # Actor learning rate.
-  c.grad_clip = 100.0        # Global-norm gradient clipping.
-  c.dataset_balance = False  # Bias training windows towards episode ends.
-  # Behavior.
-  c.discount = 0.99          # Discount of the imagined returns.
-  c.disclam = 0.95           # Lambda of the imagined returns.
-  c.horizon = 15             # Imagination horizon.
-  c.action_dist = 'tanh_normal'  # tanh_normal or onehot.
-  c.action_init_std = 5.0    # Initial std of the tanh-normal actor.
-  c.expl = 'additive_gaussian'  # additive_gaussian, completely_random,
-  #                               epsilon_greedy.
-  c.expl_amount = 0.3        # Exploration amount.
-  c.expl_decay = 0.0         # Halve the amount every N steps (0: constant).
-  c.expl_min = 0.0           # Floor of the decayed amount.
-  return c
+  """The default of every flag, as a namespace (see define_flags)."""
+  return define_flags().defaults()
 
 
 # Atari needs discrete actions and a continuation head; the reference's
-# defaults crash there (DESIGN.md section 9). Flags given still win.
+# defaults crash there (docs/design.md section 8). Flags given still win.
 ATARI_DEFAULTS = dict(action_dist='onehot', pcont=True, expl='epsilon_greedy')
 
 # Named groups of flag values. Order: defaults, preset, Atari defaults, then
@@ -121,24 +136,13 @@ CHOICES = dict(
     cnn_act=('elu', 'relu', 'tanh', 'swish', 'gelu', 'leaky_relu'))
 
 
-class OneLineErrors(argparse.ArgumentParser):
-  """Reports a bad flag in one line instead of the whole usage text."""
-
-  def error(self, message):
-    raise ValueError(f'{message} (see --help)')
-
-
 def parse_args(argv=None):
   """Flags -> config (see PRESETS for the order in which values apply)."""
-  import dreamer_tf
-  dreamer_tf.quiet_tensorflow()
-  import tools
-  defaults = vars(define_config())
-  parser = OneLineErrors(
-      description=__doc__.split('\n\n')[0], allow_abbrev=False)
-  for key, value in defaults.items():
-    parser.add_argument(f'--{key}', type=tools.args_type(value),
-                        default=argparse.SUPPRESS, help=f'default: {value}')
+  definitions = define_flags()
+  defaults = vars(definitions.defaults())
+  parser = definitions.parser(
+      __doc__.split('\n\n')[0],
+      usage='python dreamer.py --logdir DIR [--task TASK] [--FLAG VALUE ...]')
   given = vars(parser.parse_args(argv))
   if given.get('mode') == 'eval':
     return eval_config(defaults, given)
@@ -183,7 +187,19 @@ def check_config(config):
     if getattr(config, key) not in options:
       raise ValueError(f'--{key} {getattr(config, key)!r} is not one of '
                        f'{", ".join(map(str, options))}.')
-  wrappers.check_task(config.task)
+  for key in ('batch_size', 'batch_length', 'envs', 'action_repeat',
+              'time_limit', 'horizon', 'steps'):
+    if getattr(config, key) < 1:
+      raise ValueError(f'--{key} must be at least 1.')
+  if config.batch_length < 2:
+    raise ValueError('--batch_length must be at least 2.')
+  longest = replay.max_length(config.time_limit, config.action_repeat)
+  if config.batch_length > longest:
+    raise ValueError(
+        f'--batch_length {config.batch_length} is longer than an episode '
+        f'({longest} steps with --time_limit {config.time_limit} and '
+        f'--action_repeat {config.action_repeat}): no training window would '
+        'fit.')
   if config.task.startswith('atari_') and config.action_dist != 'onehot':
     raise ValueError('Atari has discrete actions: use --action_dist onehot.')
   if config.task.startswith('dmc_') and config.action_dist == 'onehot':
@@ -191,17 +207,11 @@ def check_config(config):
                      '--action_dist tanh_normal.')
   if config.expl == 'epsilon_greedy' and config.action_dist != 'onehot':
     raise ValueError('--expl epsilon_greedy needs --action_dist onehot.')
-  for key in ('batch_size', 'batch_length', 'envs', 'action_repeat',
-              'time_limit', 'horizon', 'steps'):
-    if getattr(config, key) < 1:
-      raise ValueError(f'--{key} must be at least 1.')
-  if config.batch_length < 2:
-    raise ValueError('--batch_length must be at least 2.')
-  if config.batch_length > config.time_limit // config.action_repeat + 1:
-    raise ValueError(
-        f'--batch_length {config.batch_length} is longer than an episode '
-        f'({config.time_limit // config.action_repeat + 1} steps with '
-        f'--time_limit {config.time_limit}): no training window would fit.')
+  if config.expl == 'additive_gaussian' and config.action_dist == 'onehot':
+    raise ValueError('--expl additive_gaussian makes one-hot actions invalid: '
+                     'use --expl epsilon_greedy or completely_random.')
+  # The slower checks last: they import dm_control (rendering off) or ALE.
+  wrappers.check_task(config.task)
   if config.task.startswith('dmc_'):
     wrappers.check_rendering()
 
@@ -271,35 +281,47 @@ class Checkpointer:
     return self._manager.save()
 
 
+def expl_amount(config, step):
+  """Exploration amount at environment step `step`: expl_amount *
+  0.5 ** (step / expl_decay) when expl_decay > 0, never below expl_min."""
+  amount = config.expl_amount
+  if config.expl_decay:
+    amount *= 0.5 ** (step / config.expl_decay)
+  return max(amount, config.expl_min)
+
+
 class Run:
-  """One training run in a logdir: replay, agent, checkpoint and logs."""
+  """One training run in a logdir; `train_loop` reads top to bottom.
 
-  def __init__(self, config):
-    import tensorflow as tf
+  The parts are passed in (`make_run` builds the real ones), so that tests
+  can drive the loop with fakes:
+    agent: `train(batch) -> {name: scalar}`, `updates` (int, updates made so
+      far), `open_loop(batch) -> (video uint8 [T, H, W, C], {name: scalar})`.
+    policy: `(images uint8 [N, H, W, C], reset bool [N], state, training,
+      amount) -> (actions [N, A], state)` (an `agent.Policy`).
+    train_envs, eval_env: `wrappers.Envs` (N training envs, 1 eval env).
+    checkpoint: `restore() -> bool`, `save(step) -> path`, `step`, `latest`.
+    logger: `scalar(name, value)`, `video(name, frames)`, `write(step)`.
+    dataset: `() -> iterator` of training batches from the replay.
+  Steps count environment frames (agent steps x action_repeat).
+  """
 
+  def __init__(self, config, *, agent, policy, train_envs, eval_env,
+               checkpoint, logger, dataset):
     import tools
-    from dreamer_tf import agent as agent_lib
-    from dreamer_tf import replay
     self.config = c = config
     self.logdir = pathlib.Path(c.logdir).expanduser()
     self.datadir = self.logdir / 'episodes'
-    self.datadir.mkdir(parents=True, exist_ok=True)
-    self._replay, self._tools, self._agent_lib = replay, tools, agent_lib
+    self.agent, self.policy = agent, policy
+    self.train_envs, self.eval_env = train_envs, eval_env
+    self.checkpoint, self.logger = checkpoint, logger
+    self._make_dataset, self._dataset = dataset, None
     self.step = replay.count_steps(self.datadir, c.action_repeat)
-    self.logger = tools.Logger(self.logdir)
-    self.train_envs = make_envs(c, train=True)
-    self.eval_env = make_envs(c, train=False)
-    self.agent = agent_lib.Dreamer(c, self.train_envs.action_space.shape[0])
-    self.actor = agent_lib.Actor(self.agent)
-    self.checkpoint = Checkpointer(self.agent, self.logdir)
     self.restored = self.checkpoint.restore()
     if self.restored:
       # The checkpoint counts the steps of the unfinished episode at save
       # time too; episodes stored after the save count when there are more.
       self.step = max(self.step, self.checkpoint.step)
-    self._open_loop = tf.function(
-        functools.partial(agent_lib.open_loop, self.agent))
-    self._dataset = None
     self._should_train = tools.Every(c.train_every)
     self._should_log = tools.Every(c.log_every)
     self._state = None
@@ -315,7 +337,7 @@ class Run:
     c = self.config
     if self.restored:
       print(f'Resumed from {self.checkpoint.latest} at step '
-            f'{self.step} ({int(self.agent.model_opt.iterations)} updates).')
+            f'{self.step} ({self.agent.updates} updates).')
     if self.step < c.prefill:
       self.prefill(c.prefill - self.step)
     while self.step < c.steps:
@@ -325,6 +347,7 @@ class Run:
     print(f'Done: {self.step} environment steps.')
 
   def prefill(self, steps):
+    """`steps` environment steps with uniformly random actions."""
     rng = np.random.default_rng(self.config.seed)
     space = self.train_envs.action_space
     def policy(images, reset, state):
@@ -333,24 +356,29 @@ class Run:
     self._write_logs()
 
   def collect(self, steps):
+    """`steps` environment steps with the policy; before each policy step
+    the agent trains when it is due (`train_if_due`), as in the reference."""
     def policy(images, reset, state):
-      self.maybe_train()
-      amount = self._agent_lib.expl_amount(self.config, self.step)
-      actions, state = self.actor(images, reset, state, True, amount)
-      return actions.numpy(), state
-    self._collect(policy, steps, 'train')
+      amount = expl_amount(self.config, self.step)
+      actions, state = self.policy(images, reset, state, True, amount)
+      return np.asarray(actions), state
+    self._collect(policy, steps, 'train', before_step=self.train_if_due)
 
   def evaluate(self):
-    episodes = run_episodes(self.actor, self.eval_env, 1, self.config)
+    """One evaluation episode: the policy's mode, `eval_noise` exploration."""
+    episodes = run_episodes(self.policy, self.eval_env, 1, self.config)
     self._log_episode('test', episodes[0])
     self.logger.video('test/policy', episodes[0]['image'])
     self.logger.write(self.step)
 
-  def maybe_train(self):
+  def train_if_due(self):
+    """Every `train_every` steps: `train_steps` updates (`pretrain` on the
+    first occasion of a run that has never trained), then the logs when
+    `log_every` steps have passed."""
     c = self.config
     if not self._should_train(self.step):
       return
-    first = int(self.agent.model_opt.iterations) == 0
+    first = self.agent.updates == 0
     count = c.pretrain if first else c.train_steps
     dataset = self.dataset()
     for _ in progress(range(count), 'pretrain' if first else 'train', 'update'):
@@ -360,19 +388,16 @@ class Run:
         for name, value in metrics.items():
           self.logger.scalar(name, value)
     if self._should_log(self.step):
-      video, checks = self._open_loop(batch)
+      video, checks = self.agent.open_loop(batch)
       for name, value in checks.items():
         self.logger.scalar(name, value)
       if c.log_images:
-        self.logger.video('train/openl', video.numpy())
+        self.logger.video('train/openl', np.asarray(video))
       self._write_logs()
 
   def dataset(self):
     if self._dataset is None:
-      c = self.config
-      self._dataset = iter(self._replay.make_dataset(
-          self.datadir, c.batch_size, c.batch_length, c.dataset_balance,
-          c.seed))
+      self._dataset = iter(self._make_dataset())
     return self._dataset
 
   def save(self):
@@ -382,24 +407,27 @@ class Run:
 
   # --- Helpers. ---
 
-  def _collect(self, policy, steps, desc):
+  def _collect(self, policy, steps, desc, before_step=None):
     """Steps the training envs for `steps` env steps, storing episodes."""
+    import tools
     repeat = self.config.action_repeat
     bar = progress(None, desc, 'step', total=steps)
     def on_episode(index, episode):
-      self._replay.save_episode(self.datadir, episode)
+      replay.save_episode(self.datadir, episode)
       self._log_episode('train', episode, bar.write)
     def on_step(count):
-      self.step += count * repeat
-      bar.update(count * repeat)
-    self._state = self._tools.simulate(
-        policy, self.train_envs, steps=-(-steps // repeat), state=self._state,
-        on_episode=on_episode, on_step=on_step)
+      self.step += replay.env_steps(count, repeat)
+      bar.update(replay.env_steps(count, repeat))
+    self._state = tools.simulate(
+        policy, self.train_envs, steps=replay.agent_steps(steps, repeat),
+        state=self._state, on_episode=on_episode, on_step=on_step,
+        before_step=before_step)
     bar.close()
 
   def _log_episode(self, prefix, episode, echo=print):
     score = float(episode['reward'].sum())
-    length = (len(episode['reward']) - 1) * self.config.action_repeat
+    length = replay.episode_steps(
+        len(episode['reward']), self.config.action_repeat)
     self.logger.scalar(f'{prefix}/return', score)
     self.logger.scalar(f'{prefix}/length', length)
     echo(f'[{self.step}] {prefix}/return {score:.1f} ({length} steps)')
@@ -413,19 +441,46 @@ class Run:
     self.logger.write(self.step)
 
 
-def run_episodes(actor, env, count, config):
-  """`count` evaluation episodes: the actor's mode, exploration only at
+def make_run(config):
+  """The real parts of a run: the Dreamer agent and its policy, the
+  environment workers, the checkpoint, the logger and the replay dataset."""
+  import tools
+  from dreamer_tf import agent as agent_lib
+  logdir = pathlib.Path(config.logdir).expanduser()
+  (logdir / 'episodes').mkdir(parents=True, exist_ok=True)
+  train_envs = make_envs(config, train=True)
+  eval_env = None
+  try:
+    eval_env = make_envs(config, train=False)
+    agent = agent_lib.Dreamer(config, train_envs.action_space.shape[0])
+  except BaseException:
+    train_envs.close()
+    if eval_env is not None:
+      eval_env.close()
+    raise
+  dataset = functools.partial(
+      replay.make_dataset, logdir / 'episodes', config.batch_size,
+      config.batch_length, config.dataset_balance, config.seed)
+  return Run(
+      config, agent=agent, policy=agent_lib.Policy(agent),
+      train_envs=train_envs, eval_env=eval_env,
+      checkpoint=Checkpointer(agent, logdir), logger=tools.Logger(logdir),
+      dataset=dataset)
+
+
+def run_episodes(policy, env, count, config):
+  """`count` evaluation episodes: the policy's mode, exploration only at
   `eval_noise`. Returns the episodes (dicts of arrays, all frames)."""
   import tools
   episodes = []
   bar = progress(None, 'eval', 'episode', total=count)
-  def policy(images, reset, state):
-    actions, state = actor(images, reset, state, False, config.eval_noise)
-    return actions.numpy(), state
+  def act(images, reset, state):
+    actions, state = policy(images, reset, state, False, config.eval_noise)
+    return np.asarray(actions), state
   def on_episode(index, episode):
     episodes.append(episode)
     bar.update(1)
-  tools.simulate(policy, env, episodes=count, on_episode=on_episode)
+  tools.simulate(act, env, episodes=count, on_episode=on_episode)
   bar.close()
   return episodes
 
@@ -449,7 +504,7 @@ def evaluate_checkpoint(config):
     checkpoint = Checkpointer(agent, logdir)
     checkpoint.restore()
     episodes = run_episodes(
-        agent_lib.Actor(agent), env, config.eval_episodes, config)
+        agent_lib.Policy(agent), env, config.eval_episodes, config)
   finally:
     env.close()
   returns = [float(e['reward'].sum()) for e in episodes]
@@ -488,7 +543,10 @@ def main(argv=None):
   with (logdir / 'config.json').open('w') as f:
     json.dump(vars(config), f, indent=2)
   print(f'Logdir {logdir}, task {config.task}.')
-  run = Run(config)
+  try:
+    run = make_run(config)
+  except ValueError as error:  # E.g. a checkpoint of another model size.
+    sys.exit(f'dreamer.py: error: {error}')
   # A scheduler's SIGTERM saves like Ctrl-C does.
   signal.signal(signal.SIGTERM, _raise_interrupt)
   try:

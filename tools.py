@@ -1,5 +1,5 @@
 """Helpers shared by the agent and the script: scans, returns, distributions,
-the optimizer wrapper, schedules and flag types.
+the optimizer wrapper, acting, logging and schedules.
 
 Everything here is a small pure function or a small class. Shapes follow the
 reference: `static_scan` and `lambda_return` work on time-major tensors.
@@ -10,7 +10,6 @@ import io
 import json
 import pathlib
 import re
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -47,7 +46,7 @@ def static_scan(fn, inputs, start, reverse=False):
 
 
 def lambda_return(reward, value, pcont, bootstrap, lambda_, axis=0):
-  """TD(lambda) returns, DESIGN.md section 4 step 8.
+  """TD(lambda) returns (docs/design.md section 4).
 
   R_t = r_t + c_t * ((1 - lambda) * v_{t+1} + lambda * R_{t+1}), where the
   value after the last step and R after the last step are `bootstrap`.
@@ -61,7 +60,8 @@ def lambda_return(reward, value, pcont, bootstrap, lambda_, axis=0):
     raise ValueError(f'reward {reward.shape} and value {value.shape} differ.')
   if axis != 0:
     perm = [axis] + [i for i in range(reward.shape.ndims) if i != axis]
-    reward, value, pcont = (tf.transpose(x, perm) for x in (reward, value, pcont))
+    reward, value, pcont = (
+        tf.transpose(x, perm) for x in (reward, value, pcont))
   if bootstrap is None:
     bootstrap = tf.zeros_like(value[-1])
   next_value = tf.concat([value[1:], bootstrap[None]], 0)
@@ -116,7 +116,8 @@ class SampleDist:
   estimating them from `samples` draws. The batch shape is the wrapped one.
 
   mode(): per batch element, the draw with the highest log-probability (the
-  reference picks the best index of batch row 0 for every row; DESIGN.md §9).
+  reference picks the best index of batch row 0 for every row;
+  docs/design.md section 8).
   """
 
   def __init__(self, dist, samples=100):
@@ -191,7 +192,8 @@ class Optimizer:
 
   Weight decay `var -= lr * wd * var` is applied, on variables whose path
   matches `wd_pattern`, in the same step. The reference's version never
-  assigned (a no-op); this one works and defaults to off (DESIGN.md §9).
+  assigned (a no-op); this one works and defaults to off (docs/design.md
+  section 8).
   """
 
   GROWTH_INTERVAL = 2000
@@ -261,22 +263,25 @@ class Optimizer:
         tf.maximum(self.loss_scale / 2.0, 1.0))
     self.loss_scale.assign(scale)
     self._good_steps.assign(
-        tf.where(finite & ~grow, self._good_steps + 1, tf.constant(0, tf.int64)))
+        tf.where(finite & ~grow, self._good_steps + 1,
+                 tf.constant(0, tf.int64)))
 
 
 # ----------------------------------------------------------------------------
 # Acting in environments.
 
 def simulate(policy, envs, steps=0, episodes=0, state=None, on_episode=None,
-             on_step=None):
+             on_step=None, before_step=None):
   """Steps every environment of `envs` (a wrappers.Envs) with `policy` until
   `steps` agent steps (summed over envs) or `episodes` finished episodes.
 
   `policy(images uint8 [N, H, W, C], reset bool [N], agent_state)` returns
   (actions [N, A], agent_state). `on_episode(index, episode)` receives each
   finished episode (a dict of arrays from the Collect wrapper);
-  `on_step(count)` is told how many agent steps were just taken. Returns the
-  state to pass back in to continue the same episodes later.
+  `on_step(count)` is told how many agent steps were just taken;
+  `before_step()` is called before every policy call (the run loop trains
+  there). Returns the state to pass back in to continue the same episodes
+  later.
   """
   count = len(envs)
   if state is None:
@@ -287,6 +292,8 @@ def simulate(policy, envs, steps=0, episodes=0, state=None, on_episode=None,
     reset = done.copy()
     for index in np.flatnonzero(done):
       obs[index] = envs.reset(index)
+    if before_step:
+      before_step()
     images = np.stack([o['image'] for o in obs])
     actions, agent_state = policy(images, reset, agent_state)
     results = envs.step([np.asarray(a) for a in actions])
@@ -326,8 +333,8 @@ class Logger:
   def write(self, step):
     """Writes what was collected since the last call; returns the scalars."""
     scalars = {k: float(np.mean(v)) for k, v in self._scalars.items()}
-    videos, self._scalars, self._videos = self._videos, \
-        collections.defaultdict(list), {}
+    videos = self._videos
+    self._scalars, self._videos = collections.defaultdict(list), {}
     if scalars:
       with (self._logdir / 'metrics.jsonl').open('a') as f:
         f.write(json.dumps(dict(step=int(step), **scalars)) + '\n')
@@ -369,7 +376,7 @@ def _gif_summary(name, frames, step):
 
 
 # ----------------------------------------------------------------------------
-# Schedules and flags.
+# Schedules.
 
 class Every:
   """True once every `every` units of a growing counter; never when 0."""
@@ -388,40 +395,3 @@ class Every:
       self._last += self._every * ((step - self._last) // self._every)
       return True
     return False
-
-
-class Once:
-  """True on the first call only."""
-
-  def __init__(self):
-    self._once = True
-
-  def __call__(self):
-    if self._once:
-      self._once = False
-      return True
-    return False
-
-
-def args_type(default):
-  """argparse `type` for a flag whose default is `default`: booleans accept
-  true/false/1/0, ints accept scientific notation like 5e6 when integral."""
-  if isinstance(default, bool):
-    def boolean(text):
-      lowered = text.lower()
-      if lowered in ('true', '1', 'yes'):
-        return True
-      if lowered in ('false', '0', 'no'):
-        return False
-      raise ValueError(f'expected true or false, got {text!r}')
-    return boolean
-  if isinstance(default, int):
-    def integer(text):
-      number = float(text)
-      if number != int(number):
-        raise ValueError(f'expected an integer, got {text!r}')
-      return int(number)
-    return integer
-  if default is None:
-    return str
-  return type(default)

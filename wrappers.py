@@ -2,9 +2,9 @@
 and the worker processes that run them.
 
 This module never imports TensorFlow, directly or indirectly: MuJoCo's EGL
-rendering and TensorFlow segfault in one process (DESIGN.md section 2). Build
-environments with `make_env` and run them through `Envs`, which starts every
-environment in a `spawn`ed worker process, also with `parallel='none'`.
+rendering and TensorFlow segfault in one process (docs/design.md section 2).
+Build environments with `make_env` and run them through `Envs`, which starts
+every environment in a `spawn`ed worker process, also with `parallel='none'`.
 
 All environments use the old gym-style API: `reset() -> obs` and
 `step(action) -> (obs, reward, done, info)`, where obs is a dict holding a
@@ -16,7 +16,6 @@ import atexit
 import builtins
 import contextlib
 import ctypes.util
-import math
 import multiprocessing
 import os
 import pickle
@@ -29,7 +28,10 @@ import weakref
 import gymnasium
 import numpy as np
 
-# DESIGN.md section 6: `cup` is the reference's short name for `ball_in_cup`.
+from dreamer_tf import replay  # The episode format and step arithmetic.
+
+# `cup` is the reference's short name for `ball_in_cup` (docs/design.md
+# section 6).
 _DMC_ALIASES = {'cup': 'ball_in_cup'}
 _TASK_FORMS = ("expected 'dmc_<domain>_<task>' (e.g. dmc_walker_walk, "
                "dmc_cup_catch) or 'atari_<game>' (e.g. atari_pong)")
@@ -136,8 +138,9 @@ class DeepMindControl:
     domain, task = _resolve_dmc(suite, name)
     self._env = suite.load(domain, task, task_kwargs={'random': seed})
     self._size = tuple(size)
-    self._camera = (2 if domain == 'quadruped' else 0) if camera is None \
-        else camera
+    if camera is None:
+      camera = 2 if domain == 'quadruped' else 0
+    self._camera = camera
     spec = self._env.action_spec()
     self.action_space = gymnasium.spaces.Box(
         np.broadcast_to(spec.minimum, spec.shape).astype(np.float32),
@@ -438,7 +441,7 @@ def make_env(task, *, action_repeat=2, time_limit=1000, size=(64, 64), seed=0,
     env = Atari(name, action_repeat, size, grayscale=False, life_done=train,
                 sticky_actions=True, seed=seed)
     env = OneHotAction(env)
-  env = TimeLimit(env, math.ceil(time_limit / action_repeat))
+  env = TimeLimit(env, replay.agent_steps(time_limit, action_repeat))
   env = Collect(env)
   return RewardObs(env)
 
@@ -555,7 +558,8 @@ class Envs:
     elif parallel == 'none':
       groups = [ctors]
     else:
-      raise ValueError(f"parallel must be 'process' or 'none', not {parallel!r}")
+      raise ValueError(
+          f"parallel must be 'process' or 'none', not {parallel!r}")
     if not ctors:
       raise ValueError('Envs needs at least one constructor.')
     self._sizes = [len(group) for group in groups]
@@ -687,7 +691,9 @@ class Envs:
     if code is not None and code < 0:
       detail = f' ({signal.Signals(-code).name})'
       if -code == signal.SIGSEGV:
-        detail += '; rendering next to TensorFlow segfaults, see DESIGN.md'
+        detail += ('; rendering segfaults in a process that imported '
+                   'TensorFlow: environment constructors must not import it '
+                   '(docs/design.md section 2)')
     return RuntimeError(
         f'Environment worker {worker} (pid {proc.pid}) died with exit code '
         f'{code}{detail}.')

@@ -1,5 +1,5 @@
 """The Dreamer agent: world model, actor and value, the train step and the
-policy (DESIGN.md sections 4 and 5). The run loop lives in dreamer.py."""
+policy (docs/design.md sections 4 and 5). The run loop lives in dreamer.py."""
 
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -41,7 +41,8 @@ def free_nats_kl(post_dist, prior_dist, free_nats):
 class Dreamer:
   """World model, actor and value with their three optimizers.
 
-  `config` needs the model, training and behaviour keys of DESIGN.md §6.
+  `config` needs the model, training and behaviour flags of dreamer.py
+  (docs/design.md section 6).
   `act_dim` is the action size (one-hot size for discrete actions). Batches
   are dicts of [B, T, ...] tensors: image uint8 [B, T, 64, 64, 3], action
   float32 [B, T, A], reward and discount float32 [B, T].
@@ -59,8 +60,9 @@ class Dreamer:
         c.cnn_depth, c.cnn_act, image_shape, dtype=dt)
     self.reward = networks.DenseDecoder(
         (), 2, c.num_units, act=c.dense_act, dtype=dt, name='reward')
-    self.pcont = c.pcont and networks.DenseDecoder(
-        (), 3, c.num_units, 'binary', c.dense_act, dtype=dt, name='pcont')
+    self.pcont = networks.DenseDecoder(
+        (), 3, c.num_units, 'binary', c.dense_act, dtype=dt,
+        name='pcont') if c.pcont else None
     self.value = networks.DenseDecoder(
         (), 3, c.num_units, act=c.dense_act, dtype=dt, name='value')
     self.actor = networks.ActionDecoder(
@@ -72,11 +74,17 @@ class Dreamer:
         name, [v for p in parts for v in p.trainable_variables], lr,
         c.grad_clip, c.weight_decay, c.weight_decay_pattern, scale)
     self.model_parts = [self.encoder, self.dynamics, self.decoder, self.reward]
-    self.model_parts += [self.pcont] if self.pcont else []
+    self.model_parts += [self.pcont] if self.pcont is not None else []
     self.model_opt = opt('model', self.model_parts, c.model_lr)
     self.actor_opt = opt('actor', [self.actor], c.actor_lr)
     self.value_opt = opt('value', [self.value], c.value_lr)
     self.train = tf.function(self._train)
+    self.open_loop = tf.function(lambda data: open_loop(self, data))
+
+  @property
+  def updates(self):
+    """Updates made so far (the model optimizer's step count)."""
+    return int(self.model_opt.iterations)
 
   def _build(self, image_shape):
     """Creates every variable by calling each module once on zeros."""
@@ -84,7 +92,7 @@ class Dreamer:
     post, _ = self.dynamics.observe(embed, tf.zeros([1, 1, self.act_dim]))
     feat = self.dynamics.get_feat(post)
     heads = [self.decoder, self.reward, self.value, self.actor]
-    for head in heads + ([self.pcont] if self.pcont else []):
+    for head in heads + ([self.pcont] if self.pcont is not None else []):
       head(feat)
 
   def checkpoint_items(self):
@@ -92,7 +100,7 @@ class Dreamer:
     items = dict(encoder=self.encoder, dynamics=self.dynamics,
                  decoder=self.decoder, reward=self.reward, value=self.value,
                  actor=self.actor)
-    if self.pcont:
+    if self.pcont is not None:
       items['pcont'] = self.pcont
     for opt in (self.model_opt, self.actor_opt, self.value_opt):
       for key, value in opt.checkpoint_items().items():
@@ -147,7 +155,7 @@ class Dreamer:
             tf.square(tf.stop_gradient(image_pred.mean()) - data['image'])),
         reward_corr=tools.correlation(
             tf.stop_gradient(reward_pred.mean()), data['reward']))
-    if self.pcont:
+    if self.pcont is not None:
       pcont_pred = self.pcont(feat)
       target = c.discount * data['discount']
       likes['pcont'] = c.pcont_scale * tf.reduce_mean(
@@ -169,7 +177,7 @@ class Dreamer:
     """Steps 5-6: from every posterior state (all but the last step when
     pcont is on), roll the prior `horizon` steps with the actor's sampled
     actions. Returns the features after each step, [H, B*T, F]."""
-    if self.pcont:
+    if self.pcont is not None:
       post = {k: v[:, :-1] for k, v in post.items()}
     flatten = lambda x: tf.reshape(x, [-1] + x.shape[2:].as_list())
     start = {k: flatten(tf.stop_gradient(v)) for k, v in post.items()}
@@ -184,7 +192,7 @@ class Dreamer:
     c = self.config
     reward = self.reward(imag_feat).mode()
     value = self.value(imag_feat).mode()
-    if self.pcont:
+    if self.pcont is not None:
       pcont = self.pcont(imag_feat).mean()
     else:
       pcont = c.discount * tf.ones_like(reward)
@@ -202,8 +210,10 @@ class Dreamer:
     return actor_loss, value_loss
 
 
-class Actor:
-  """Acting with a Dreamer agent (DESIGN.md section 5), batched over N envs.
+class Policy:
+  """Acting with a Dreamer agent (docs/design.md section 5), batched over N
+  environments. Not to be confused with `Dreamer.actor`, the action network
+  it samples from.
 
   `__call__(image, reset, state, training, amount)` takes images uint8
   [N, 64, 64, 3], a bool reset mask [N] (the latent and previous action of
@@ -258,15 +268,6 @@ class Actor:
 def random_onehot(shape):
   indices = tf.random.uniform(shape[:1], 0, shape[1], tf.int32)
   return tf.one_hot(indices, shape[1], dtype=tf.float32)
-
-
-def expl_amount(config, step):
-  """Exploration amount at `step`: expl_amount * 0.5 ** (step / expl_decay)
-  when expl_decay > 0, never below expl_min."""
-  amount = config.expl_amount
-  if config.expl_decay:
-    amount *= 0.5 ** (step / config.expl_decay)
-  return max(amount, config.expl_min)
 
 
 OPEN_LOOP_HORIZONS = (1, 5, 10, 20, 40)

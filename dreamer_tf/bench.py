@@ -70,7 +70,6 @@ def measure(precision, batch_size, batch_length, steps):
 
 def measure_collection(args):
   """Env steps per second of the prefill and of the policy's collection."""
-  import functools
 
   import numpy as np
 
@@ -80,14 +79,16 @@ def measure_collection(args):
   import tools
   import wrappers
   from dreamer_tf import agent as agent_lib
+  from dreamer_tf import replay
 
   config = dreamer.define_config()
-  config.task, config.envs, config.parallel = args.task, args.envs, args.parallel
+  config.task, config.envs = args.task, args.envs
+  config.parallel = args.parallel
   envs = dreamer.make_envs(config, train=True)
   rng = np.random.default_rng(0)
   space = envs.action_space
   agent = agent_lib.Dreamer(config, space.shape[0])
-  actor = agent_lib.Actor(agent)
+  actor = agent_lib.Policy(agent)
   def random_policy(images, reset, state):
     return [wrappers.random_action(space, rng) for _ in images], state
   def agent_policy(images, reset, state):
@@ -101,8 +102,9 @@ def measure_collection(args):
       start = time.perf_counter()
       tools.simulate(policy, envs, steps=args.agent_steps, state=state)
       seconds = time.perf_counter() - start
-      env_steps = args.agent_steps * config.action_repeat
-      rows.append(dict(policy=name, env_steps_per_s=round(env_steps / seconds, 1),
+      env_steps = replay.env_steps(args.agent_steps, config.action_repeat)
+      rows.append(dict(policy=name,
+                       env_steps_per_s=round(env_steps / seconds, 1),
                        ms_per_agent_step=round(1000 * seconds * args.envs /
                                                args.agent_steps, 1)))
   finally:
@@ -118,7 +120,8 @@ def measure_collection(args):
 
 
 def run_child(precision, args):
-  command = [sys.executable, '-m', 'dreamer_tf.bench', '--child', str(precision),
+  command = [sys.executable, '-m', 'dreamer_tf.bench', '--child',
+             str(precision),
              '--batch_size', str(args.batch_size), '--batch_length',
              str(args.batch_length), '--steps', str(args.steps)]
   result = subprocess.run(command, capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""The paper's networks (DESIGN.md section 3) as Keras 3 layers.
+"""The paper's networks (docs/design.md section 3) as Keras 3 layers.
 
 Every sub-layer is created once in `__init__` under the reference's name
 (`h1..` in the conv nets, `h0..`/`hout` in the dense heads), so weights map to
@@ -71,7 +71,7 @@ class ConvEncoder(layers.Layer):
     super().__init__(name=name, dtype=dtype)
     self.convs = [
         Conv2D(mult * depth, 4, 2, activation=act, dtype=dtype,
-                      name=f'h{i + 1}')
+               name=f'h{i + 1}')
         for i, mult in enumerate((1, 2, 4, 8))]
 
   def call(self, image):
@@ -97,7 +97,7 @@ class ConvDecoder(layers.Layer):
              (shape[-1], 6, None)]
     self.deconvs = [
         Conv2DTranspose(filters, kernel, 2, activation=activation,
-                               dtype=dtype, name=f'h{i + 2}')
+                        dtype=dtype, name=f'h{i + 2}')
         for i, (filters, kernel, activation) in enumerate(specs)]
 
   def build(self, input_shape):

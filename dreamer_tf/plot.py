@@ -71,7 +71,7 @@ def _parse_line(line):
 
 def _is_number(x):
   return (isinstance(x, (int, float)) and not isinstance(x, bool)
-      and math.isfinite(x))
+          and math.isfinite(x))
 
 
 def read_metrics(path):
@@ -97,15 +97,16 @@ def read_metrics(path):
         returns.append(rec[RETURN_KEY])
   if bad:
     print(f'warning: {path}: skipped {len(bad)} malformed line(s) '
-       f'(line {", ".join(map(str, bad[:5]))}'
-       f'{", ..." if len(bad) > 5 else ""})', file=sys.stderr)
+          f'(line {", ".join(map(str, bad[:5]))}'
+          f'{", ..." if len(bad) > 5 else ""})', file=sys.stderr)
   order = np.argsort(steps, kind='stable')
   return (np.asarray(steps, float)[order], np.asarray(returns, float)[order],
-      last if last > -math.inf else math.nan)
+          last if last > -math.inf else math.nan)
 
 
 def load_curve(path):
-  """Test-return curve of a metrics.jsonl (or its run folder): (steps, returns)."""
+  """Test-return curve of a metrics.jsonl (or its run folder):
+  (steps, returns)."""
   path = Path(path)
   if path.is_dir():
     path = path / 'metrics.jsonl'
@@ -142,7 +143,8 @@ def find_runs(logdir):
   skipped with a warning.
   """
   logdir = Path(logdir)
-  files = [logdir] if logdir.is_file() else sorted(logdir.rglob('metrics.jsonl'))
+  files = ([logdir] if logdir.is_file()
+           else sorted(logdir.rglob('metrics.jsonl')))
   runs = []
   for file in files:
     try:
@@ -203,8 +205,8 @@ def paper_seeds(task):
   """The paper's Dreamer curves of task as a list of (xs, ys) arrays."""
   key = _paper_key(task, {r['task'] for r in _paper_records()})
   return [(np.asarray(r['xs'], float), np.asarray(r['ys'], float))
-      for r in _paper_records()
-      if r['task'] == key and r['method'] == 'dreamer']
+          for r in _paper_records()
+          if r['task'] == key and r['method'] == 'dreamer']
 
 
 def paper_curve(task):
@@ -218,9 +220,10 @@ def paper_curve(task):
     return None
   xs = np.unique(np.concatenate([x for x, _ in seeds]))
   cols = [[y[x == step][0] for x, y in seeds if np.any(x == step)]
-      for step in xs]
+          for step in xs]
   return (xs, np.array([np.mean(c) for c in cols]),
-      np.array([np.min(c) for c in cols]), np.array([np.max(c) for c in cols]))
+          np.array([np.min(c) for c in cols]),
+          np.array([np.max(c) for c in cols]))
 
 
 def paper_value(task, milestone):
@@ -260,9 +263,9 @@ def milestone_table(runs, milestones=MILESTONES):
     for m in milestones:
       vals = [v for v in (run_value(r, m) for r in group) if v is not None]
       cells.append({'step': m, 'ours': float(np.mean(vals)) if vals else None,
-             'n': len(vals), 'paper': paper_value(task, m)})
+                    'n': len(vals), 'paper': paper_value(task, m)})
     rows.append({'task': task, 'method': method, 'seeds': len(group),
-           'milestones': cells})
+                 'milestones': cells})
   return rows
 
 
@@ -288,7 +291,7 @@ def format_table(rows):
     body.append(line)
   widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
   fmt = lambda r: '  '.join(c.ljust(w) if i < 2 else c.rjust(w)
-               for i, (c, w) in enumerate(zip(r, widths)))
+                            for i, (c, w) in enumerate(zip(r, widths)))
   return '\n'.join(fmt(r).rstrip() for r in [head] + body)
 
 
@@ -300,8 +303,8 @@ def write_csv(rows, path):
     for row in rows:
       for c in row['milestones']:
         out.writerow([row['task'], row['method'], row['seeds'], c['step'],
-               '' if c['ours'] is None else round(c['ours'], 2), c['n'],
-               '' if c['paper'] is None else round(c['paper'], 2)])
+                      '' if c['ours'] is None else round(c['ours'], 2), c['n'],
+                      '' if c['paper'] is None else round(c['paper'], 2)])
 
 
 # ------------------------------------------------------------------- plots
@@ -315,7 +318,7 @@ def _draw_paper(ax, task, xmax):
   end = np.searchsorted(xs, xmax) + 1
   n = len(paper_seeds(task))
   ax.fill_between(xs[:end], lo[:end], hi[:end], color='0.5', alpha=0.25,
-          lw=0, label=f'Dreamer paper min-max ({n} seeds)')
+                  lw=0, label=f'Dreamer paper min-max ({n} seeds)')
   ax.plot(xs[:end], mean[:end], color='k', lw=1.5, label='Dreamer paper mean')
   return True
 
@@ -323,7 +326,7 @@ def _draw_paper(ax, task, xmax):
 def _draw_baselines(ax, task, first_color):
   for i, (name, score) in enumerate(sorted(baselines(task).items())):
     ax.axhline(score, color=f'C{(first_color + i) % 10}', ls='--', lw=1.2,
-          label=f'{name} (final)')
+               label=f'{name} (final)')
 
 
 def _draw_ours(ax, runs, color, method):
@@ -331,13 +334,14 @@ def _draw_ours(ax, runs, color, method):
   if len(runs) == 1:
     r = runs[0]
     ax.plot(r.steps, r.returns, color=color, lw=2.2,
-        label=f'{method} (seed {r.seed})')
+            label=f'{method} (seed {r.seed})')
     return
   for i, r in enumerate(runs):
     ax.plot(r.steps, r.returns, color=color, lw=0.8, alpha=0.45,
-        label=f'{method} seeds' if i == 0 else None)
+            label=f'{method} seeds' if i == 0 else None)
   grid, mean = mean_curve([(r.steps, r.returns) for r in runs])
-  ax.plot(grid, mean, color=color, lw=2.5, label=f'{method} mean ({len(runs)} seeds)')
+  ax.plot(grid, mean, color=color, lw=2.5,
+          label=f'{method} mean ({len(runs)} seeds)')
 
 
 def plot_task(task, runs, path):
@@ -356,9 +360,9 @@ def plot_task(task, runs, path):
   _draw_baselines(ax, task, len(methods))
   if not has_paper:
     ax.text(0.5, 0.02, 'no paper data for this task', transform=ax.transAxes,
-        ha='center', va='bottom', color='0.4')
+            ha='center', va='bottom', color='0.4')
   ax.set(title=task, xlabel='environment steps', ylabel='test return',
-      xlim=(0, xmax * 1.02 if xmax > 0 else 1))
+         xlim=(0, xmax * 1.02 if xmax > 0 else 1))
   ax.xaxis.set_major_formatter(EngFormatter(sep=''))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc='best')
@@ -369,15 +373,16 @@ def plot_task(task, runs, path):
 # --------------------------------------------------------------------- cli
 
 def _safe_name(task):
-  return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in task) or 'task'
+  safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in task)
+  return safe or 'task'
 
 
 def main(argv=None):
   """Command line entry point; returns the exit status."""
   parser = argparse.ArgumentParser(prog='python -m dreamer_tf.plot',
-                   description=__doc__.split('\n')[0])
+                                   description=__doc__.split('\n')[0])
   parser.add_argument('--logdir', default='./logdir',
-            help='logdir, task folder, run folder or metrics.jsonl')
+                      help='logdir, task folder, run folder or metrics.jsonl')
   parser.add_argument('--out', default='plots', help='folder for the PNGs')
   args = parser.parse_args(argv)
   logdir, out = Path(args.logdir), Path(args.out)
@@ -389,17 +394,18 @@ def main(argv=None):
     if len(run.steps):
       runs.append(run)
     else:
-      print(f'warning: {run.dir}: no {RETURN_KEY} yet, skipped', file=sys.stderr)
+      print(f'warning: {run.dir}: no {RETURN_KEY} yet, skipped',
+            file=sys.stderr)
   if not runs:
     print(f'error: no runs with {RETURN_KEY} in a metrics.jsonl under {logdir}',
-       file=sys.stderr)
+          file=sys.stderr)
     return 1
   out.mkdir(parents=True, exist_ok=True)
   for (task,), group in _by(runs, 'task').items():
     path = out / f'{_safe_name(task)}.png'
     if not plot_task(task, group, path):
       print(f'note: no paper data for {task}; plotted without the band',
-         file=sys.stderr)
+            file=sys.stderr)
     print(f'wrote {path}')
   rows = milestone_table(runs)
   write_csv(rows, out / 'summary.csv')

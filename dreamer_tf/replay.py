@@ -1,7 +1,7 @@
 """Replay storage: the one place that knows the episode file format.
 
 An episode is a dict of NumPy arrays that share their leading length L, where
-L counts the reset step (DESIGN.md sections 5 and 9):
+L counts the reset step (docs/design.md section 5):
 
   image     uint8   [L, H, W, C]   (64x64x3 for the agent)
   action    float32 [L, A]         action[0] = 0 (reset)
@@ -14,8 +14,18 @@ Each episode is one `np.savez_compressed` file named
 stored environment steps can be read from the names alone. The reader also
 reads the reference's files (which may hold float16 action/reward/discount).
 
-Fixed against the reference (DESIGN.md section 9): every training window that
-fits in an episode is equally likely, the one ending on the last step
+Step arithmetic lives here too, in one place: an episode of L entries took
+`episode_steps(L, repeat) = (L - 1) * repeat` environment steps, and
+`agent_steps(n, repeat) = ceil(n / repeat)` agent steps cover n environment
+steps (an episode of `time_limit` frames has `agent_steps(time_limit,
+repeat)` agent steps, as the reference's float-valued time limit gives).
+
+This module imports TensorFlow only inside `make_dataset`, so that the
+environment workers and flag checking can use it without TensorFlow.
+
+Fixed against the reference (docs/design.md section 8): every training
+window that fits in an episode is equally likely, the one ending on the last
+step
 included, and episodes exactly `length` long are used.
 """
 
@@ -31,17 +41,38 @@ import zipfile
 import zlib
 
 import numpy as np
-import tensorflow as tf
 
 REQUIRED_KEYS = ('image', 'action', 'reward', 'discount')
 _NDIMS = {'image': 4, 'action': 2, 'reward': 1, 'discount': 1}
 _LENGTH_RE = re.compile(r'-(\d+)\.npz$')
 _READ_ERRORS = (OSError, ValueError, EOFError, KeyError,
-        zipfile.BadZipFile, zlib.error)
+                zipfile.BadZipFile, zlib.error)
 
 # Files that failed to load, keyed by (path, size, mtime): they are not
 # retried on every call, but are retried if the file changes.
 _UNREADABLE = set()
+
+
+def episode_steps(length, action_repeat):
+  """Environment steps taken in an episode of `length` entries: the first
+  entry is the reset observation, every other one `action_repeat` frames."""
+  return max(int(length) - 1, 0) * action_repeat
+
+
+def agent_steps(env_steps, action_repeat):
+  """Agent steps that cover `env_steps` environment steps, rounded up."""
+  return -(-int(env_steps) // action_repeat)
+
+
+def env_steps(agent_steps, action_repeat):
+  """Environment steps (frames) taken by `agent_steps` agent steps."""
+  return int(agent_steps) * action_repeat
+
+
+def max_length(time_limit, action_repeat):
+  """Entries of the longest episode under `time_limit` frames (the reset
+  entry included): the most agent steps a training window can span."""
+  return agent_steps(time_limit, action_repeat) + 1
 
 
 def _length_from_name(path):
@@ -150,7 +181,7 @@ def load_episodes(directory, cache=None, min_length=0):
     except _READ_ERRORS as error:
       _UNREADABLE.add(marker)
       warnings.warn(f'Skipping unreadable episode file {path}: '
-             f'{type(error).__name__}: {error}')
+                    f'{type(error).__name__}: {error}', stacklevel=2)
       continue
     if len(episode['image']) >= min_length:
       cache[path.name] = episode
@@ -171,9 +202,9 @@ def count_steps(directory, action_repeat):
   for path in directory.glob('*.npz'):
     length = _length_from_name(path)
     if length is None:
-      warnings.warn(f'Episode file name has no length: {path}')
+      warnings.warn(f'Episode file name has no length: {path}', stacklevel=2)
       continue
-    total += max(length - 1, 0) * action_repeat
+    total += episode_steps(length, action_repeat)
   return total
 
 
@@ -188,7 +219,7 @@ def _usable(directory, cache, length, timeout, poll=0.5):
     if directory is not None:
       load_episodes(directory, cache, min_length=length)
     names = sorted(k for k, v in list(cache.items())
-            if len(v['image']) >= length)
+                   if len(v['image']) >= length)
     if names:
       return names
     if directory is None or time.monotonic() >= deadline:
@@ -202,7 +233,7 @@ def _usable(directory, cache, length, timeout, poll=0.5):
 
 
 def sample_windows(directory, length, balance=False, seed=None, *,
-          cache=None, keys=None, reload_every=100, timeout=30.0):
+                   cache=None, keys=None, reload_every=100, timeout=30.0):
   """Infinite generator of windows of `length` consecutive steps.
 
   Each window is a dict (all the episode's keys, or only `keys`) of new
@@ -232,12 +263,12 @@ def sample_windows(directory, length, balance=False, seed=None, *,
     else:
       start = int(rng.integers(0, total - length + 1))
     yield {k: np.array(episode[k][start:start + length])
-        for k in (episode if keys is None else keys)}
+           for k in (episode if keys is None else keys)}
 
 
 def make_dataset(directory, batch_size, batch_length, balance=False,
-         seed=None, keys=REQUIRED_KEYS, *, reload_every=100,
-         timeout=30.0, prefetch=10):
+                 seed=None, keys=REQUIRED_KEYS, *, reload_every=100,
+                 timeout=30.0, prefetch=10):
   """A `tf.data.Dataset` of dict batches `[batch_size, batch_length, ...]`.
 
   Windows come from `sample_windows` (see there for sampling, reloading and
@@ -246,15 +277,16 @@ def make_dataset(directory, batch_size, batch_length, balance=False,
   float32 [T, A], reward and discount float32 [T]. `prefetch` batches are
   prepared ahead, as in the reference.
   """
+  import tensorflow as tf
   cache = {}
   first = cache[_usable(directory, cache, batch_length, timeout)[0]]
   missing = [k for k in keys if k not in first]
   if missing:
     raise ValueError(f'Episodes have no keys {missing}; '
-             f'they have {sorted(first)}.')
+                     f'they have {sorted(first)}.')
   signature = {
     k: tf.TensorSpec((batch_length,) + first[k].shape[1:],
-             tf.as_dtype(first[k].dtype))
+                     tf.as_dtype(first[k].dtype))
     for k in keys}
 
   def windows():

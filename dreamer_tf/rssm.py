@@ -1,4 +1,4 @@
-"""The recurrent state-space model (DESIGN.md section 3)."""
+"""The recurrent state-space model (docs/design.md section 3)."""
 
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -37,10 +37,6 @@ class RSSM(layers.Layer):
     self.img3 = dense(2 * stoch, None, 'img3')
     self.obs1 = dense(hidden, 'elu', 'obs1')
     self.obs2 = dense(2 * stoch, None, 'obs2')
-
-  @property
-  def feat_size(self):
-    return self._stoch + self._deter
 
   def initial(self, batch_size):
     zeros = lambda size: tf.zeros([batch_size, size], tf.float32)

@@ -6,13 +6,12 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow import keras
 
+import dreamer
 import tools
 from dreamer_tf import agent as agent_lib
 from dreamer_tf import networks
 from dreamer_tf.rssm import RSSM
 from tiny import random_batch, tiny_config
-
-import dreamer
 
 
 def full_config(**overrides):
@@ -37,7 +36,7 @@ def test_shapes_at_default_sizes():
   assert rssm.get_feat(imagined).shape == (2, 4, 230)
 
 
-# DESIGN.md section 3, read off the reference code.
+# docs/design.md section 3, read off the reference code.
 PARAMS = [
     (1, False, 'tanh_normal', 5_295_820, 574_402, 556_920),
     (6, False, 'tanh_normal', 5_296_820, 578_412, 557_920),

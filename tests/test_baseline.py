@@ -24,7 +24,8 @@ def test_zero_and_random_policies_on_cartpole():
 
 def test_command_prints_json():
   result = subprocess.run(
-      [sys.executable, '-m', 'dreamer_tf.baseline', '--task', 'dmc_cartpole_balance',
+      [sys.executable, '-m', 'dreamer_tf.baseline',
+       '--task', 'dmc_cartpole_balance',
        '--episodes', '1', '--time_limit', '20', '--policies', 'zero', '--json'],
       capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr

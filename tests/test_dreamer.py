@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ('--batch_size 4 --batch_length 10 --prefill 500 --train_every 500 '
-        '--train_steps 2 --pretrain 2 --eval_every 1000 --log_every 500 '
-        '--time_limit 200 --cnn_depth 4 --deter_size 16 --stoch_size 4 '
-        '--num_units 16 --precision 32').split()
+# The tiny sizes (dreamer.PRESETS['debug']): prefill 500, train every 500
+# (2 updates, 2 pretrain), evaluate every 1000, episodes of 200 steps.
+TINY = ('--preset', 'debug')
 
 
 def run(*args, env=None, timeout=600):
@@ -122,8 +121,7 @@ def test_eval_of_a_checkpoint_of_another_action_space(tmp_path):
 
 def test_atari_end_to_end(tmp_path):
   logdir = tmp_path / 'atari_pong'
-  flags = [f for f in TINY if f not in ('--time_limit', '200')]
-  result = run('--logdir', logdir, '--task', 'atari_pong', *flags,
+  result = run('--logdir', logdir, '--task', 'atari_pong', *TINY,
                '--action_repeat', 4, '--time_limit', 400, '--steps', 1200)
   assert result.returncode == 0, result.stderr[-3000:]
   config = json.loads((logdir / 'config.json').read_text())
@@ -145,6 +143,8 @@ def test_atari_end_to_end(tmp_path):
     (['--task', 'dmc_nothing_here'], 'dmc_nothing_here'),
     (['--task', 'atari_nogame'], 'atari_nogame'),
     (['--steps', 'many'], '--steps'),
+    (['--action_dist', 'onehot', '--expl', 'additive_gaussian',
+      '--task', 'atari_pong'], 'additive_gaussian'),
     (['--batch_length', '500', '--time_limit', '200'], 'batch_length'),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, flags, message):
@@ -164,7 +164,7 @@ def test_missing_rendering_backend_names_the_packages(tmp_path):
 
 
 def test_worker_modules_do_not_import_tensorflow():
-  code = ('import sys, dreamer, wrappers; '
+  code = ('import sys, dreamer, wrappers, dreamer_tf.replay; '
           'assert "tensorflow" not in sys.modules, "tensorflow imported"')
   result = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
                           capture_output=True, text=True)

@@ -41,7 +41,7 @@ def write_run(run_dir, returns, last_step=520_000, truncate=True):
 
 def run_cli(*args):
   return subprocess.run([sys.executable, '-m', 'dreamer_tf.plot', *args],
-             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def paper_means(task, milestones):
@@ -84,7 +84,7 @@ def test_command_plots_and_tabulates(tmp_path):
   cells = table_row(res.stdout, TASK)
   assert cells[:3] == [TASK, 'dreamer', '2']
   assert cells[3:] == ['500 (n=2)', str(paper[0]), '950 (n=2)', str(paper[1]),
-             '-', str(paper[2])]
+                       '-', str(paper[2])]
 
 
 def test_logdir_can_be_a_run_or_task_folder(tmp_path):
@@ -112,8 +112,9 @@ def test_config_names_the_task(tmp_path):
 
 
 def test_task_without_paper_data_is_still_plotted(tmp_path):
-  write_run(tmp_path / 'logdir' / 'dmc_unknown_task' / 'dreamer' / '0', RETURNS[0])
-  res = run_cli('--logdir', str(tmp_path / 'logdir'), '--out', str(tmp_path / 'o'))
+  logdir = tmp_path / 'logdir'
+  write_run(logdir / 'dmc_unknown_task' / 'dreamer' / '0', RETURNS[0])
+  res = run_cli('--logdir', str(logdir), '--out', str(tmp_path / 'o'))
   assert res.returncode == 0, res.stderr
   assert 'no paper data' in res.stderr
   assert (tmp_path / 'o' / 'dmc_unknown_task.png').read_bytes()[:8] == PNG_MAGIC
@@ -131,7 +132,8 @@ def test_empty_logdir_fails_cleanly(tmp_path):
     res = run_cli('--logdir', str(logdir), '--out', str(tmp_path / 'out'))
     assert res.returncode == 1, res.stdout
     assert 'Traceback' not in res.stderr
-    errors = [l for l in res.stderr.splitlines() if l.startswith('error')]
+    errors = [line for line in res.stderr.splitlines()
+              if line.startswith('error')]
     assert len(errors) == 1 and str(logdir) in errors[0], res.stderr
   assert len(run_cli('--logdir', str(empty)).stderr.strip().splitlines()) == 1
 

@@ -115,7 +115,7 @@ def test_reference_episode_files():
 def test_reads_reference_float16(tmp_path):
   episode = make_episode(3, 6)
   half = {k: v.astype(np.float16) if v.dtype == np.float32 else v
-      for k, v in episode.items()}
+          for k, v in episode.items()}
   np.savez_compressed(tmp_path / '20200101T000000-abc-6.npz', **half)
   loaded = replay.load_episodes(tmp_path)['20200101T000000-abc-6.npz']
   for key in ('action', 'reward', 'discount'):
@@ -173,7 +173,7 @@ def test_batches_never_cross_episodes(tmp_path, balance):
 
 def test_every_window_start_is_sampled():
   cache = {'a': make_episode(0, 12, 4), 'b': make_episode(1, 5, 4),
-       'c': make_episode(2, 4, 4)}
+           'c': make_episode(2, 4, 4)}
   windows = replay.sample_windows(None, 5, seed=0, cache=cache)
   counts = collections.Counter(
     check_window(w) for w in itertools.islice(windows, 4000))
@@ -207,3 +207,41 @@ def test_no_usable_episode_raises(tmp_path):
   replay.save_episode(tmp_path, make_episode(0, 4, 4))
   with pytest.raises(RuntimeError, match='at least 5 steps'):
     replay.make_dataset(tmp_path, 2, 5, timeout=0.2)
+
+
+def test_step_arithmetic_rounds_one_way_everywhere():
+  # An episode of L entries took L - 1 agent steps (entry 0 is the reset).
+  assert replay.episode_steps(101, 2) == 200
+  assert replay.episode_steps(1, 4) == 0
+  assert replay.env_steps(250, 4) == 1000
+  # Agent steps that cover n environment steps: rounded up, as the
+  # reference's TimeLimit(time_limit / action_repeat) with a float does.
+  assert replay.agent_steps(1000, 2) == 500
+  assert replay.agent_steps(1001, 2) == 501
+  assert replay.agent_steps(999, 4) == 250
+  assert replay.agent_steps(0, 3) == 0
+  assert replay.max_length(1000, 2) == 501
+  assert replay.max_length(1001, 2) == 502
+
+
+def test_time_limit_and_batch_length_check_agree(tmp_path):
+  # 5 frames at action repeat 2: 3 agent steps, so episodes of 4 entries.
+  import functools
+
+  import dreamer
+  import wrappers
+  ctor = functools.partial(wrappers.make_env, 'dmc_cartpole_balance',
+                           action_repeat=2, time_limit=5)
+  with wrappers.Envs([ctor], 'none') as envs:
+    envs.reset(0)
+    steps, done = 0, False
+    while not done:
+      _, _, done, info = envs.step([np.zeros(1, np.float32)])[0]
+      steps += 1
+  assert steps == 3 and len(info['episode']['image']) == 4
+  assert replay.max_length(5, 2) == 4
+  flags = ['--logdir', str(tmp_path), '--task', 'dmc_cartpole_balance',
+           '--time_limit', '5', '--action_repeat', '2']
+  dreamer.check_config(dreamer.parse_args(flags + ['--batch_length', '4']))
+  with pytest.raises(ValueError, match='longer than an episode'):
+    dreamer.check_config(dreamer.parse_args(flags + ['--batch_length', '5']))

@@ -20,8 +20,9 @@ import pytest
 import wrappers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Episodes written by the reference code (cartpole_balance, 100 agent steps).
 REFERENCE_EPISODE = sorted(glob.glob(
-    '/work/shared/fixtures/reference/episodes/*.npz'))
+    os.path.join(REPO, 'tests', 'fixtures', 'episodes', '*.npz')))
 
 
 def env_ctor(task, **kwargs):
@@ -80,7 +81,8 @@ def test_check_rendering(monkeypatch):
   monkeypatch.setenv('MUJOCO_GL', 'egl')
   wrappers.check_rendering()  # libEGL is installed on these machines.
   monkeypatch.setattr(wrappers.ctypes.util, 'find_library', lambda name: None)
-  with pytest.raises(RuntimeError, match='libegl1 libegl-mesa0 libgl1-mesa-dri'):
+  packages = 'libegl1 libegl-mesa0 libgl1-mesa-dri'
+  with pytest.raises(RuntimeError, match=packages):
     wrappers.check_rendering()
   monkeypatch.setenv('MUJOCO_GL', 'osmesa')
   with pytest.raises(RuntimeError, match='libosmesa6'):
@@ -186,6 +188,7 @@ def test_random_action():
 
 
 def test_collect_episode_matches_reference_layout():
+  assert REFERENCE_EPISODE, 'the fixture episodes are missing'
   reference = np.load(REFERENCE_EPISODE[0])
   rng = np.random.default_rng(0)
   ctor = env_ctor('dmc_cartpole_balance', action_repeat=2, time_limit=20)

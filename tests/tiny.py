@@ -7,10 +7,11 @@ import dreamer
 
 
 def tiny_config(**overrides):
-  """The debug sizes of the tests: depth 4, deter 16, stoch 4, 16 units."""
+  """The defaults with the sizes of `--preset debug` (the one definition of
+  the tests' tiny sizes) and a 5-step imagination horizon."""
   config = dreamer.define_config()
-  config.cnn_depth, config.deter_size, config.stoch_size = 4, 16, 4
-  config.num_units, config.precision, config.horizon = 16, 32, 5
+  vars(config).update(dreamer.PRESETS['debug'])
+  config.horizon = 5
   vars(config).update(overrides)
   return config
 

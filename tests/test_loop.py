@@ -1,0 +1,244 @@
+"""The run loop's schedule, in-process and in seconds: the real `Run` with
+fake environments, a fake agent, policy, checkpoint and logger (no model, no
+rendering). The expected schedules below are worked out by hand from the
+flags, as docs/design.md section 5 states the schedule."""
+
+import json
+
+import gymnasium
+import numpy as np
+
+import dreamer
+import wrappers
+from dreamer_tf import replay
+
+IMAGE = (8, 8, 3)
+
+
+class CountingEnv:
+  """Images that show the step number; reward 1 per step; never ends by
+  itself (the TimeLimit wrapper ends it, like a DMC task)."""
+
+  def __init__(self):
+    self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    self.observation_space = gymnasium.spaces.Dict(
+        {'image': gymnasium.spaces.Box(0, 255, IMAGE, np.uint8)})
+    self._steps = 0
+
+  def reset(self):
+    self._steps = 0
+    return {'image': np.zeros(IMAGE, np.uint8)}
+
+  def step(self, action):
+    self._steps += 1
+    image = np.full(IMAGE, self._steps % 256, np.uint8)
+    return {'image': image}, 1.0, False, {'discount': np.float32(1.0)}
+
+
+class FakeEnvs:
+  """The interface of wrappers.Envs, stepping wrapped envs in-process."""
+
+  def __init__(self, count, config):
+    duration = replay.agent_steps(config.time_limit, config.action_repeat)
+    self._envs = [wrappers.Collect(wrappers.TimeLimit(CountingEnv(), duration))
+                  for _ in range(count)]
+    self.action_space = self._envs[0].action_space
+    self.closed = False
+
+  def __len__(self):
+    return len(self._envs)
+
+  def reset(self, index):
+    return self._envs[index].reset()
+
+  def step(self, actions):
+    return [env.step(a) for env, a in zip(self._envs, actions)]
+
+  def close(self):
+    self.closed = True
+
+
+class FakeAgent:
+  """Counts updates; remembers at which run step each update happened."""
+
+  def __init__(self):
+    self.updates = 0
+    self.train_steps, self.open_loop_steps = [], []
+    self.clock = lambda: None
+
+  def train(self, batch):
+    assert batch['image'].shape[1:] == IMAGE
+    self.updates += 1
+    self.train_steps.append(self.clock())
+    return {'model_loss': 1.0}
+
+  def open_loop(self, batch):
+    self.open_loop_steps.append(self.clock())
+    return np.zeros((3,) + IMAGE, np.uint8), {'openl_mse_h1': 0.5}
+
+
+class FakePolicy:
+  def __init__(self, agent):
+    self.calls = []   # (step, training)
+    self._agent = agent
+
+  def __call__(self, images, reset, state, training, amount):
+    self.calls.append((self._agent.clock(), training))
+    return np.zeros((len(images), 1), np.float32), state
+
+
+class FakeCheckpoint:
+  """Saves the step and the update count as JSON in the logdir."""
+
+  def __init__(self, agent, logdir):
+    self._agent, self._path = agent, logdir / 'fake_checkpoint.json'
+    self.step, self.saves = 0, []
+
+  @property
+  def latest(self):
+    return str(self._path) if self._path.exists() else None
+
+  def restore(self):
+    if not self._path.exists():
+      return False
+    stored = json.loads(self._path.read_text())
+    self.step, self._agent.updates = stored['step'], stored['updates']
+    return True
+
+  def save(self, step):
+    self.step = step
+    self.saves.append(step)
+    self._path.write_text(json.dumps(dict(step=step,
+                                          updates=self._agent.updates)))
+    return str(self._path)
+
+
+class FakeLogger:
+  def __init__(self):
+    self.writes, self.videos, self._pending = [], [], set()
+
+  def scalar(self, name, value):
+    assert np.isfinite(value)
+    self._pending.add(name)
+
+  def video(self, name, frames):
+    self.videos.append(name)
+
+  def write(self, step):
+    self.writes.append((step, self._pending))
+    self._pending = set()
+
+
+def make_fake_run(config):
+  logdir = config.logdir
+  agent = FakeAgent()
+  run = dreamer.Run(
+      config, agent=agent, policy=FakePolicy(agent),
+      train_envs=FakeEnvs(config.envs, config), eval_env=FakeEnvs(1, config),
+      checkpoint=FakeCheckpoint(agent, logdir), logger=FakeLogger(),
+      dataset=lambda: replay.sample_windows(
+          logdir / 'episodes', config.batch_length, seed=0))
+  agent.clock = lambda: run.step
+  return run
+
+
+def config_for(logdir, **flags):
+  config = dreamer.define_config()
+  vars(config).update(dreamer.PRESETS['debug'])
+  vars(config).update(
+      logdir=logdir, prefill=500, train_every=300, train_steps=2,
+      pretrain=3, eval_every=1000, log_every=600, time_limit=200,
+      action_repeat=2, steps=1500)
+  vars(config).update(flags)
+  (logdir / 'episodes').mkdir(parents=True, exist_ok=True)
+  return config
+
+
+def episode_files(logdir):
+  return sorted((logdir / 'episodes').glob('*.npz'))
+
+
+def test_schedule_of_a_run_and_its_resume(tmp_path):
+  config = config_for(tmp_path)
+  run = make_fake_run(config)
+  run.train_loop()
+  agent, policy = run.agent, run.policy
+  # Prefill: 500 steps of random actions, the policy is not called.
+  training_calls = [step for step, training in policy.calls if training]
+  assert training_calls[0] == 500
+  # Steps advance by action_repeat per agent step, up to `steps`.
+  assert training_calls == list(range(500, 1500, 2))
+  assert run.step == 1500
+  # Pretrain 3 at the first occasion, then 2 every 300 steps.
+  assert agent.train_steps == [500] * 3 + [800] * 2 + [1100] * 2 + [1400] * 2
+  assert agent.open_loop_steps == [500, 1100]   # Every 600 steps.
+  # Evaluate (policy with training=False) before each collection chunk.
+  eval_calls = sorted({step for step, training in policy.calls
+                       if not training})
+  assert eval_calls == [500]
+  assert run.checkpoint.saves == [1500]
+  # Episodes of 100 agent steps (200 env steps): 7 finished, 1400 steps.
+  files = episode_files(tmp_path)
+  assert len(files) == 7
+  assert replay.count_steps(tmp_path / 'episodes', 2) == 1400
+  with np.load(files[0]) as episode:
+    assert episode['image'].shape == (101,) + IMAGE
+  # Train metrics reach the logger at the log occasions.
+  written = {step for step, names in run.logger.writes
+             if 'openl_mse_h1' in names and 'model_loss' in names}
+  assert written == {500, 1100}
+  assert 'test/policy' in run.logger.videos
+  assert 'train/openl' in run.logger.videos
+
+  # Resume with more steps: the step comes from the checkpoint (1500, with
+  # the unfinished episode) rather than the files (1400); no prefill, no
+  # pretraining; training resumes at once.
+  config = config_for(tmp_path, steps=2500)
+  run = make_fake_run(config)
+  assert run.restored and run.step == 1500
+  run.train_loop()
+  agent, policy = run.agent, run.policy
+  training_calls = [step for step, training in policy.calls if training]
+  assert training_calls == list(range(1500, 2500, 2))
+  assert agent.train_steps == [1500] * 2 + [1800] * 2 + [2100] * 2 + \
+      [2400] * 2
+  assert agent.updates == 9 + 8
+  assert agent.open_loop_steps == [1500, 2100]
+  assert run.checkpoint.saves == [2500]
+  assert len(episode_files(tmp_path)) == 7 + 5
+  assert run.step == 2500
+
+
+def test_two_evaluations_and_saves_and_the_end_between_occasions(tmp_path):
+  # steps 2300: eval and save every 1000, the last chunk 300 steps long.
+  config = config_for(tmp_path, steps=2300, train_every=1000, log_every=0)
+  run = make_fake_run(config)
+  run.train_loop()
+  eval_steps = sorted({s for s, training in run.policy.calls if not training})
+  assert eval_steps == [500, 1500]
+  assert run.checkpoint.saves == [1500, 2300]
+  assert run.agent.train_steps == [500] * 3 + [1500] * 2
+  assert run.agent.open_loop_steps == []   # log_every 0: never.
+  assert run.step == 2300
+
+
+def test_two_envs_count_both(tmp_path):
+  config = config_for(tmp_path, envs=2, steps=1000)
+  run = make_fake_run(config)
+  run.train_loop()
+  training_calls = [s for s, training in run.policy.calls if training]
+  # One policy call per agent step of both envs: 4 env steps per call.
+  assert training_calls == list(range(500, 1000, 4))
+  assert run.step == 1000
+  # 2 x 100 agent steps per pair of episodes: 1000 steps make 4 episodes
+  # (2 at 400 and 2 at 800) and leave 2 unfinished.
+  assert len(episode_files(tmp_path)) == 4
+
+
+def test_a_run_already_at_its_end_does_nothing(tmp_path):
+  config = config_for(tmp_path, steps=1000)
+  make_fake_run(config).train_loop()
+  again = make_fake_run(config)
+  again.train_loop()
+  assert again.policy.calls == [] and again.agent.train_steps == []
+  assert again.checkpoint.saves == [] and again.step == 1000
