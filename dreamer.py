@@ -18,13 +18,13 @@ import types
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import wrappers  # noqa: E402  (never imports TensorFlow; workers import it)
-from dreamer_tf import (
-  flags,  # noqa: E402  (imports no TensorFlow)
-  replay,  # noqa: E402  (TensorFlow only for datasets)
-)
+# None of these imports TensorFlow: workers import them, and flags are
+# checked before TensorFlow loads (replay needs it only for datasets).
+import dreamer_tf
+import wrappers
+from dreamer_tf import doctor, flags, replay
 
 # TensorFlow is imported inside main() only: spawned environment workers may
 # import this module, and TensorFlow must never load next to EGL rendering.
@@ -70,6 +70,9 @@ def define_flags():
   f('pcont', False, 'Learn a continuation (discount) head.')
   f('free_nats', 3.0, 'KL below this (batch mean) gives no gradient.')
   f('kl_scale', 1.0, 'Weight of the KL term.')
+  f('kl_balance', 0.0, 'KL balancing (DreamerV2): a share A in (0, 1] of '
+    'the KL gradient trains the prior, 1 - A the posterior; the value is '
+    'the same. 0: off, the plain KL of the paper.')
   f('pcont_scale', 10.0, 'Weight of the continuation log-likelihood.')
   f('weight_decay', 0.0, 'Decoupled weight decay (0: off).')
   f('weight_decay_pattern', r'.*', 'Regex of variable paths to decay.')
@@ -193,6 +196,9 @@ def check_config(config):
       raise ValueError(f'--{key} must be at least 1.')
   if config.batch_length < 2:
     raise ValueError('--batch_length must be at least 2.')
+  if not 0.0 <= config.kl_balance <= 1.0:
+    raise ValueError(f'--kl_balance {config.kl_balance} must be in [0, 1] '
+                     '(0: off; DreamerV2 uses 0.8).')
   longest = replay.max_length(config.time_limit, config.action_repeat)
   if config.batch_length > longest:
     raise ValueError(
@@ -326,6 +332,11 @@ class Run:
     self._should_log = tools.Every(c.log_every)
     self._state = None
     self._last_log = (self.step, time.time())
+    self._overall = overall_progress(self.step, c.steps, disable=True)
+    # The metrics so far (also those of earlier processes of this run), for
+    # the health checks of dreamer_tf.doctor.
+    self._history = doctor.read_history(self.logdir)
+    self._watcher = doctor.Watcher(vars(c))
 
   def close(self):
     self.train_envs.close()
@@ -338,12 +349,16 @@ class Run:
     if self.restored:
       print(f'Resumed from {self.checkpoint.latest} at step '
             f'{self.step} ({self.agent.updates} updates).')
-    if self.step < c.prefill:
-      self.prefill(c.prefill - self.step)
-    while self.step < c.steps:
-      self.evaluate()
-      self.collect(min(c.eval_every, c.steps - self.step))
-      self.save()
+    self._overall = overall_progress(self.step, c.steps)
+    try:
+      if self.step < c.prefill:
+        self.prefill(c.prefill - self.step)
+      while self.step < c.steps:
+        self.evaluate()
+        self.collect(min(c.eval_every, c.steps - self.step))
+        self.save()
+    finally:
+      self._overall.close()
     print(f'Done: {self.step} environment steps.')
 
   def prefill(self, steps):
@@ -362,14 +377,14 @@ class Run:
       amount = expl_amount(self.config, self.step)
       actions, state = self.policy(images, reset, state, True, amount)
       return np.asarray(actions), state
-    self._collect(policy, steps, 'train', before_step=self.train_if_due)
+    self._collect(policy, steps, 'collect', before_step=self.train_if_due)
 
   def evaluate(self):
     """One evaluation episode: the policy's mode, `eval_noise` exploration."""
     episodes = run_episodes(self.policy, self.eval_env, 1, self.config)
     self._log_episode('test', episodes[0])
     self.logger.video('test/policy', episodes[0]['image'])
-    self.logger.write(self.step)
+    self._flush_logs()
 
   def train_if_due(self):
     """Every `train_every` steps: `train_steps` updates (`pretrain` on the
@@ -381,7 +396,9 @@ class Run:
     first = self.agent.updates == 0
     count = c.pretrain if first else c.train_steps
     dataset = self.dataset()
-    for _ in progress(range(count), 'pretrain' if first else 'train', 'update'):
+    for _ in progress(range(count), 'pretrain' if first else 'update',
+                      'update'):
+      self._overall.refresh()  # Keep its elapsed time and estimate current.
       batch = next(dataset)
       metrics = self.agent.train(batch)
       if c.log_scalars:
@@ -403,7 +420,7 @@ class Run:
   def save(self):
     self._write_logs()
     path = self.checkpoint.save(self.step)
-    print(f'Saved {path} at step {self.step}.')
+    say(f'Saved {path} at step {self.step}.')
 
   # --- Helpers. ---
 
@@ -414,23 +431,28 @@ class Run:
     bar = progress(None, desc, 'step', total=steps)
     def on_episode(index, episode):
       replay.save_episode(self.datadir, episode)
-      self._log_episode('train', episode, bar.write)
+      self._log_episode('train', episode)
     def on_step(count):
       self.step += replay.env_steps(count, repeat)
       bar.update(replay.env_steps(count, repeat))
+      self._overall.update(replay.env_steps(count, repeat))
     self._state = tools.simulate(
         policy, self.train_envs, steps=replay.agent_steps(steps, repeat),
         state=self._state, on_episode=on_episode, on_step=on_step,
         before_step=before_step)
     bar.close()
 
-  def _log_episode(self, prefix, episode, echo=print):
+  def _log_episode(self, prefix, episode):
     score = float(episode['reward'].sum())
     length = replay.episode_steps(
         len(episode['reward']), self.config.action_repeat)
     self.logger.scalar(f'{prefix}/return', score)
     self.logger.scalar(f'{prefix}/length', length)
-    echo(f'[{self.step}] {prefix}/return {score:.1f} ({length} steps)')
+    if self.config.action_dist == 'tanh_normal':
+      # Entry 0 is the reset (no action taken).
+      saturated = np.abs(episode['action'][1:]) > doctor.SATURATED
+      self.logger.scalar(f'{prefix}/action_sat', float(np.mean(saturated)))
+    say(f'[{self.step}] {prefix}/return {score:.1f} ({length} steps)')
 
   def _write_logs(self):
     last_step, last_time = self._last_log
@@ -438,7 +460,16 @@ class Run:
     if self.step > last_step:
       self.logger.scalar('fps', (self.step - last_step) / (now - last_time))
     self._last_log = (self.step, now)
-    self.logger.write(self.step)
+    self._flush_logs()
+
+  def _flush_logs(self):
+    """Writes the metrics collected since the last write, keeps them for
+    the health checks and says when a check turned into a problem."""
+    scalars = self.logger.write(self.step) or {}
+    if scalars:
+      self._history.append(dict(step=self.step, **scalars))
+      for line in self._watcher.update(self._history, self.step):
+        say(line)
 
 
 def make_run(config):
@@ -485,11 +516,32 @@ def run_episodes(policy, env, count, config):
   return episodes
 
 
+def say(text):
+  """Prints a line above the progress bars (plainly when there are none)."""
+  import tqdm
+  tqdm.tqdm.write(text, file=sys.stdout)
+
+
 def progress(iterable, desc, unit, total=None):
-  """A tqdm bar on an interactive terminal; silent in logs and tests."""
+  """A tqdm bar of one phase (prefill, train, eval, ...) on an interactive
+  terminal; silent in logs and tests."""
   import tqdm
   return tqdm.tqdm(iterable, desc=desc, unit=unit, total=total, leave=False,
                    dynamic_ncols=True, disable=None, file=sys.stdout)
+
+
+def overall_progress(step, steps, disable=None):
+  """The whole run's line, kept above the phase bars on an interactive
+  terminal: environment steps done of `steps`, the rate and the time to the
+  end. Rate and estimate average over this process only (smoothing=0), so a
+  resumed run counts from the step it resumed at; training pauses between
+  collection count in, so the estimate includes them."""
+  import tqdm
+  return tqdm.tqdm(
+      desc='run', unit='step', total=steps, initial=step, leave=False,
+      dynamic_ncols=True, disable=disable, file=sys.stdout, smoothing=0,
+      bar_format='{desc} {n_fmt}/{total_fmt} env steps {percentage:3.0f}%'
+                 '|{bar}| {rate_fmt}, {elapsed} elapsed, {remaining} left')
 
 
 def evaluate_checkpoint(config):
@@ -532,6 +584,7 @@ def main(argv=None):
   except (ValueError, RuntimeError) as error:
     sys.exit(f'dreamer.py: error: {error}')
   logdir = pathlib.Path(config.logdir).expanduser()
+  dreamer_tf.quiet_tensorflow()  # The flags are fine: now load TensorFlow.
   setup_tensorflow(config)
   seed_everything(config.seed)
   if config.mode == 'eval':

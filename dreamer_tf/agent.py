@@ -5,7 +5,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tools
-from dreamer_tf import networks
+from dreamer_tf import doctor, networks
 from dreamer_tf.rssm import RSSM
 
 tfd = tfp.distributions
@@ -13,7 +13,11 @@ tfd = tfp.distributions
 METRICS = (
     'model_loss', 'actor_loss', 'value_loss', 'image_loss', 'reward_loss',
     'div', 'prior_ent', 'post_ent', 'action_ent', 'model_grad_norm',
-    'actor_grad_norm', 'value_grad_norm')
+    'actor_grad_norm', 'value_grad_norm',
+    # Health signals (docs/doctor.md): the KL before free nats, the values
+    # against the lambda returns, the share of skipped non-finite steps.
+    'kl', 'value_mean', 'return_mean', 'value_gap', 'skip_frac')
+
 
 
 def dtype_policy(precision, gpu=None):
@@ -31,11 +35,39 @@ def dtype_policy(precision, gpu=None):
   return 'mixed_float16' if gpu else 'mixed_bfloat16'
 
 
-def free_nats_kl(post_dist, prior_dist, free_nats):
+def free_nats_kl(post_dist, prior_dist, free_nats, balance=0.0):
   """max(mean KL(post || prior), free_nats): free nats on the batch mean, so
-  below the threshold the KL term gives the model no gradient."""
-  div = tf.reduce_mean(tfd.kl_divergence(post_dist, prior_dist))
+  below the threshold the KL term gives the model no gradient.
+
+  With `balance` A in (0, 1] (KL balancing, as in DreamerV2), the mean KL is
+  A * KL(sg(post) || prior) + (1 - A) * KL(post || sg(prior)): the same
+  value, with a fraction A of its gradient going to the prior and 1 - A to
+  the posterior (plain KL: all of it to both). Free nats apply to that
+  balanced mean exactly as to the plain one: below the floor neither side
+  gets any gradient. 0 means off.
+  """
+  if balance:
+    prior_side = tf.reduce_mean(tfd.kl_divergence(_stopped(post_dist),
+                                                  prior_dist))
+    post_side = tf.reduce_mean(tfd.kl_divergence(post_dist,
+                                                 _stopped(prior_dist)))
+    div = balance * prior_side + (1.0 - balance) * post_side
+  else:
+    div = tf.reduce_mean(tfd.kl_divergence(post_dist, prior_dist))
   return tf.maximum(div, free_nats)
+
+
+def _stopped(dist):
+  """The same diagonal Gaussian with its parameters cut from the graph."""
+  return tfd.MultivariateNormalDiag(
+      tf.stop_gradient(dist.mean()), tf.stop_gradient(dist.stddev()))
+
+
+def saturation(action):
+  """Fraction of action entries with |a| > doctor.SATURATED (float32)."""
+  action = tf.cast(action, tf.float32)
+  return tf.reduce_mean(
+      tf.cast(tf.abs(action) > doctor.SATURATED, tf.float32))
 
 
 class Dreamer:
@@ -78,6 +110,10 @@ class Dreamer:
     self.model_opt = opt('model', self.model_parts, c.model_lr)
     self.actor_opt = opt('actor', [self.actor], c.actor_lr)
     self.value_opt = opt('value', [self.value], c.value_lr)
+    # Steps of this process and those with a non-finite gradient (skipped);
+    # not checkpointed: skip_frac is the share since the process started.
+    self._steps = tf.Variable(0.0, trainable=False, name='steps')
+    self._skipped = tf.Variable(0.0, trainable=False, name='skipped')
     self.train = tf.function(self._train)
     self.open_loop = tf.function(lambda data: open_loop(self, data))
 
@@ -125,12 +161,20 @@ class Dreamer:
     data = self.preprocess(data)
     with tf.GradientTape(persistent=True) as tape:
       model_loss, post, metrics = self.world_model_loss(data)
-      imag_feat = self.imagine_ahead(post)
-      actor_loss, value_loss = self.behavior_losses(imag_feat)
+      imag_feat, imag_action = self.imagine_ahead(post, return_actions=True)
+      actor_loss, value_loss = self.behavior_losses(imag_feat, metrics)
     metrics['model_grad_norm'] = self.model_opt.step(tape, model_loss)
     metrics['actor_grad_norm'] = self.actor_opt.step(tape, actor_loss)
     metrics['value_grad_norm'] = self.value_opt.step(tape, value_loss)
     del tape
+    finite = tf.reduce_all(tf.math.is_finite(tf.stack([
+        metrics['model_grad_norm'], metrics['actor_grad_norm'],
+        metrics['value_grad_norm']])))
+    self._steps.assign_add(1.0)
+    self._skipped.assign_add(1.0 - tf.cast(finite, tf.float32))
+    metrics['skip_frac'] = self._skipped / self._steps
+    if self.config.action_dist == 'tanh_normal':
+      metrics['action_sat'] = saturation(imag_action)
     feat = tf.stop_gradient(self.dynamics.get_feat(post))
     metrics['action_ent'] = tf.reduce_mean(self.actor(feat).entropy())
     metrics.update(model_loss=model_loss, actor_loss=actor_loss,
@@ -164,31 +208,41 @@ class Dreamer:
           (pcont_pred.mean() > 0.5) == (data['discount'] > 0.5), tf.float32))
     prior_dist = self.dynamics.get_dist(prior)
     post_dist = self.dynamics.get_dist(post)
-    div = free_nats_kl(post_dist, prior_dist, c.free_nats)
+    div = free_nats_kl(post_dist, prior_dist, c.free_nats, c.kl_balance)
     model_loss = c.kl_scale * div - sum(likes.values())
     metrics = {f'{name}_loss': -like for name, like in likes.items()}
     metrics.update(checks)
     metrics.update(
-        div=div, prior_ent=tf.reduce_mean(prior_dist.entropy()),
+        div=div, kl=tf.stop_gradient(tf.reduce_mean(
+            tfd.kl_divergence(post_dist, prior_dist))),
+        prior_ent=tf.reduce_mean(prior_dist.entropy()),
         post_ent=tf.reduce_mean(post_dist.entropy()))
     return model_loss, post, metrics
 
-  def imagine_ahead(self, post):
+  def imagine_ahead(self, post, return_actions=False):
     """Steps 5-6: from every posterior state (all but the last step when
     pcont is on), roll the prior `horizon` steps with the actor's sampled
-    actions. Returns the features after each step, [H, B*T, F]."""
+    actions. Returns the features after each step, [H, B*T, F], and with
+    `return_actions` also the actions that led there, [H, B*T, A]."""
     if self.pcont is not None:
       post = {k: v[:, :-1] for k, v in post.items()}
     flatten = lambda x: tf.reshape(x, [-1] + x.shape[2:].as_list())
     start = {k: flatten(tf.stop_gradient(v)) for k, v in post.items()}
+    start['action'] = tf.zeros(
+        [tf.shape(start['deter'])[0], self.act_dim], tf.float32)
     def step(prev, _):
       feat = tf.stop_gradient(self.dynamics.get_feat(prev))
-      return self.dynamics.img_step(prev, self.actor(feat).sample())
+      action = self.actor(feat).sample()
+      state = self.dynamics.img_step(prev, action)
+      return dict(state, action=tf.cast(action, tf.float32))
     states = tools.static_scan(step, tf.range(self.config.horizon), start)
-    return self.dynamics.get_feat(states)
+    feat = self.dynamics.get_feat(states)
+    return (feat, states['action']) if return_actions else feat
 
-  def behavior_losses(self, imag_feat):
-    """Steps 7-10: actor and value losses from the imagined features."""
+  def behavior_losses(self, imag_feat, metrics=None):
+    """Steps 7-10: actor and value losses from the imagined features. With
+    a `metrics` dict, adds the mean imagined value and lambda return and
+    their mean absolute gap (value_mean, return_mean, value_gap)."""
     c = self.config
     reward = self.reward(imag_feat).mode()
     value = self.value(imag_feat).mode()
@@ -207,6 +261,13 @@ class Dreamer:
     value_pred = self.value(tf.stop_gradient(imag_feat)[:-1])
     value_loss = -tf.reduce_mean(
         weight * value_pred.log_prob(tf.stop_gradient(returns)))
+    if metrics is not None:
+      value_now = tf.stop_gradient(value[:-1])
+      returns_now = tf.stop_gradient(returns)
+      metrics.update(
+          value_mean=tf.reduce_mean(value_now),
+          return_mean=tf.reduce_mean(returns_now),
+          value_gap=tf.reduce_mean(tf.abs(value_now - returns_now)))
     return actor_loss, value_loss
 
 

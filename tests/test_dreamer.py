@@ -60,6 +60,18 @@ def test_dmc_end_to_end_then_resume(tmp_path):
   assert (logdir / 'checkpoints' / 'checkpoint').exists()
   # Pretraining (2) at step 500 and training (2) at step 1000.
   assert updates(logdir) == 4
+  # The health signals are logged, and the doctor reads the run.
+  for key in ('kl', 'action_sat', 'value_mean', 'return_mean', 'value_gap',
+              'skip_frac', 'test/action_sat'):
+    assert any(key in m and np.isfinite(m[key]) for m in metrics), key
+  doctor = subprocess.run(
+      [sys.executable, '-m', 'dreamer_tf.doctor', '--logdir', str(logdir)],
+      cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert doctor.returncode in (0, 1), doctor.stderr
+  assert 'Health of the run at step 1500' in doctor.stdout
+  for check in ('finite numbers', 'KL (posterior vs prior)',
+                'reward prediction', 'policy actions', 'values vs returns'):
+    assert check in doctor.stdout
 
   second = run('--logdir', logdir, '--task', 'dmc_cartpole_balance', *TINY,
                '--steps', 2500)

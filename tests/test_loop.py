@@ -61,16 +61,17 @@ class FakeEnvs:
 class FakeAgent:
   """Counts updates; remembers at which run step each update happened."""
 
-  def __init__(self):
+  def __init__(self, metrics=None):
     self.updates = 0
     self.train_steps, self.open_loop_steps = [], []
     self.clock = lambda: None
+    self.metrics = metrics or {'model_loss': 1.0}
 
   def train(self, batch):
     assert batch['image'].shape[1:] == IMAGE
     self.updates += 1
     self.train_steps.append(self.clock())
-    return {'model_loss': 1.0}
+    return self.metrics
 
   def open_loop(self, batch):
     self.open_loop_steps.append(self.clock())
@@ -114,24 +115,28 @@ class FakeCheckpoint:
 
 
 class FakeLogger:
+  """Keeps what was written; `write` returns the means, as tools.Logger."""
+
   def __init__(self):
-    self.writes, self.videos, self._pending = [], [], set()
+    self.writes, self.videos, self._pending = [], [], {}
 
   def scalar(self, name, value):
     assert np.isfinite(value)
-    self._pending.add(name)
+    self._pending.setdefault(name, []).append(value)
 
   def video(self, name, frames):
     self.videos.append(name)
 
   def write(self, step):
-    self.writes.append((step, self._pending))
-    self._pending = set()
+    self.writes.append((step, set(self._pending)))
+    scalars = {k: float(np.mean(v)) for k, v in self._pending.items()}
+    self._pending = {}
+    return scalars
 
 
-def make_fake_run(config):
+def make_fake_run(config, metrics=None):
   logdir = config.logdir
-  agent = FakeAgent()
+  agent = FakeAgent(metrics)
   run = dreamer.Run(
       config, agent=agent, policy=FakePolicy(agent),
       train_envs=FakeEnvs(config.envs, config), eval_env=FakeEnvs(1, config),
@@ -242,3 +247,60 @@ def test_a_run_already_at_its_end_does_nothing(tmp_path):
   again.train_loop()
   assert again.policy.calls == [] and again.agent.train_steps == []
   assert again.checkpoint.saves == [] and again.step == 1000
+
+
+class Terminal:
+  """A stdout that says it is an interactive terminal and keeps the text."""
+
+  def __init__(self):
+    self.text = ''
+
+  def write(self, text):
+    self.text += text
+
+  def flush(self):
+    pass
+
+  def isatty(self):
+    return True
+
+
+def test_the_overall_progress_line_on_a_terminal(tmp_path, monkeypatch):
+  terminal = Terminal()
+  monkeypatch.setattr('sys.stdout', terminal)
+  make_fake_run(config_for(tmp_path, steps=1000)).train_loop()
+  screens = terminal.text.replace('\n', '\r').split('\r')
+  lines = [s for s in screens if s.startswith('run ')]
+  assert lines[0].startswith('run 0/1000 env steps   0%')
+  assert any(s.startswith('run 500/1000 env steps  50%') for s in lines)
+  assert any(s.startswith('run 1000/1000 env steps 100%') for s in lines)
+  assert all(' left' in s and 'elapsed' in s for s in lines)
+  # Resumed: counted from the resumed step, not from zero.
+  terminal.text = ''
+  make_fake_run(config_for(tmp_path, steps=1600)).train_loop()
+  screens = terminal.text.replace('\n', '\r').split('\r')
+  lines = [s for s in screens if s.startswith('run ')]
+  assert lines[0].startswith('run 1000/1600 env steps  62%')
+  assert lines[-1].startswith('run 1600/1600')
+
+
+def test_no_progress_line_when_not_a_terminal(tmp_path, capsys):
+  make_fake_run(config_for(tmp_path, steps=1000)).train_loop()
+  out = capsys.readouterr().out
+  assert 'env steps' not in out and '\r' not in out
+  assert 'Done: 1000 environment steps.' in out
+
+
+def test_a_check_that_turns_into_a_problem_is_said_once(tmp_path, capsys):
+  # A collapsed KL from the first update on: the third logged point (at
+  # step 1100, after 500 and 800) makes the check a problem, and the run
+  # says so once, not on every log step.
+  config = config_for(tmp_path, steps=3000, log_every=300)
+  run = make_fake_run(config, {'model_loss': 1.0, 'kl': 0.1})
+  run.train_loop()
+  lines = [line for line in capsys.readouterr().out.splitlines()
+           if 'doctor:' in line]
+  assert len(lines) == 1, lines
+  assert lines[0].startswith('[1100] doctor: KL (posterior vs prior) is a '
+                             'problem since step 500')
+  assert '--free_nats' in lines[0]
