@@ -8,9 +8,12 @@ Every flag of `define_flags()` is a command-line flag; --help lists them.
 
 import functools
 import json
+import math
 import os
 import pathlib
 import random
+import re
+import shutil
 import signal
 import sys
 import time
@@ -24,7 +27,7 @@ import numpy as np
 # checked before TensorFlow loads (replay needs it only for datasets).
 import dreamer_tf
 import wrappers
-from dreamer_tf import doctor, flags, replay
+from dreamer_tf import doctor, flags, replay, rundir
 
 # TensorFlow is imported inside main() only: spawned environment workers may
 # import this module, and TensorFlow must never load next to EGL rendering.
@@ -86,6 +89,9 @@ def define_flags():
   f('value_lr', 8e-5, 'Value learning rate.')
   f('actor_lr', 8e-5, 'Actor learning rate.')
   f('grad_clip', 100.0, 'Global-norm gradient clipping.')
+  f('on_nan', 'stop', 'On a non-finite loss: stop (the batch goes to '
+    '<logdir>/nan/, exit status 3), or skip the update and count it '
+    '(nan_steps).')
   f('dataset_balance', False, 'Bias training windows towards episode ends.')
   f.group('Behavior')
   f('discount', 0.99, 'Discount of the imagined returns.')
@@ -130,8 +136,23 @@ PRESETS = dict(
 EVAL_FLAGS = ('logdir', 'mode', 'eval_episodes', 'eval_noise', 'seed',
               'precision', 'gpu_growth', 'parallel')
 
+# Numeric flags and their valid values (NaN and infinity are never valid).
+RANGES = (
+    (('batch_size', 'batch_length', 'envs', 'action_repeat', 'time_limit',
+      'horizon', 'steps', 'eval_every', 'train_every', 'eval_episodes'),
+     lambda v: v >= 1, 'at least 1'),
+    (('prefill', 'log_every', 'train_steps', 'pretrain', 'free_nats',
+      'kl_scale', 'pcont_scale', 'weight_decay', 'model_lr', 'value_lr',
+      'actor_lr', 'expl_amount', 'expl_decay', 'expl_min', 'eval_noise',
+      'seed'), lambda v: v >= 0, 'at least 0'),
+    (('grad_clip', 'action_init_std'), lambda v: v > 0, 'above 0'),
+    (('discount', 'disclam', 'kl_balance'), lambda v: 0 <= v <= 1,
+     'in [0, 1]'),
+)
+
 CHOICES = dict(
     precision=(16, 32), parallel=('none', 'process'), mode=('train', 'eval'),
+    on_nan=('stop', 'skip'),
     preset=tuple(PRESETS), clip_rewards=('none', 'tanh'),
     action_dist=('tanh_normal', 'onehot'),
     expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'),
@@ -171,7 +192,7 @@ def eval_config(defaults, given):
   if not (logdir / 'checkpoints' / 'checkpoint').exists():
     raise ValueError(f'no checkpoint in {logdir / "checkpoints"}: train '
                      'first (a checkpoint is saved after each evaluation).')
-  config = dict(defaults, **json.loads(stored_path.read_text()))
+  config = dict(defaults, **rundir.read_config(logdir))
   for key, value in given.items():
     if key in EVAL_FLAGS:
       config[key] = value
@@ -190,15 +211,22 @@ def check_config(config):
     if getattr(config, key) not in options:
       raise ValueError(f'--{key} {getattr(config, key)!r} is not one of '
                        f'{", ".join(map(str, options))}.')
-  for key in ('batch_size', 'batch_length', 'envs', 'action_repeat',
-              'time_limit', 'horizon', 'steps'):
-    if getattr(config, key) < 1:
-      raise ValueError(f'--{key} must be at least 1.')
+  for keys, valid, text in RANGES:
+    for key in keys:
+      value = getattr(config, key)
+      if not (math.isfinite(value) and valid(value)):
+        raise ValueError(f'--{key} {value} must be {text}.')
+  if config.steps <= config.prefill and config.mode == 'train':
+    raise ValueError(
+        f'--steps {config.steps} is not above --prefill {config.prefill}: '
+        'only random actions would run. Raise --steps or lower --prefill.')
+  try:
+    re.compile(config.weight_decay_pattern)
+  except re.error as error:
+    raise ValueError(f'--weight_decay_pattern {config.weight_decay_pattern!r}'
+                     f' is not a regular expression: {error}.') from None
   if config.batch_length < 2:
     raise ValueError('--batch_length must be at least 2.')
-  if not 0.0 <= config.kl_balance <= 1.0:
-    raise ValueError(f'--kl_balance {config.kl_balance} must be in [0, 1] '
-                     '(0: off; DreamerV2 uses 0.8).')
   longest = replay.max_length(config.time_limit, config.action_repeat)
   if config.batch_length > longest:
     raise ValueError(
@@ -249,16 +277,26 @@ def setup_tensorflow(config):
 
 class Checkpointer:
   """The agent's weights, its three optimizers' states and the step counter
-  in <logdir>/checkpoints (TensorFlow writes each checkpoint under a
-  temporary name and renames it, so a crash never leaves half of one)."""
+  in <logdir>/checkpoints; the last 2 are kept. TensorFlow writes each under
+  a temporary name and renames it, so a crash never leaves half of one; the
+  run's owner (`owner=True`) removes the temporary folders a killed save
+  leaves behind."""
 
-  def __init__(self, agent, logdir):
+  def __init__(self, agent, logdir, owner=False):
     import tensorflow as tf
+    self._tf = tf
+    self._directory = pathlib.Path(logdir) / 'checkpoints'
+    if owner:
+      for leftover in self._directory.glob('*_temp'):
+        shutil.rmtree(leftover, ignore_errors=True)
     self._step = tf.Variable(0, dtype=tf.int64, name='step')
     self._checkpoint = tf.train.Checkpoint(
         step=self._step, **agent.checkpoint_items())
-    self._manager = tf.train.CheckpointManager(
-        self._checkpoint, pathlib.Path(logdir) / 'checkpoints', max_to_keep=2)
+    self._manager = self._make_manager()
+
+  def _make_manager(self):
+    return self._tf.train.CheckpointManager(
+        self._checkpoint, self._directory, max_to_keep=2)
 
   @property
   def latest(self):
@@ -269,22 +307,62 @@ class Checkpointer:
     return int(self._step)
 
   def restore(self):
-    """Loads the latest checkpoint if there is one; False if there is none.
-    A checkpoint of another task or model size is a ValueError."""
-    if not self.latest:
-      return False
-    try:
-      self._checkpoint.restore(self.latest).assert_existing_objects_matched()
-    except (ValueError, AssertionError) as error:
-      first = str(error).strip().splitlines()[0][:200]
-      raise ValueError(
-          f'the checkpoint {self.latest} does not fit this task and model '
-          f'(another task, action space or size?): {first}') from None
-    return True
+    """Loads the newest checkpoint that can be read; False if there is none.
+    An unreadable one (truncated, deleted data) is skipped with a warning
+    naming it, for the one before it; none readable is a ValueError, and so
+    is a checkpoint of another task or model size."""
+    paths = list(reversed(self._manager.checkpoints))
+    for index, path in enumerate(paths):
+      try:
+        self._checkpoint.restore(path).assert_existing_objects_matched()
+      except (ValueError, AssertionError) as error:
+        first = str(error).strip().splitlines()[0][:200]
+        raise ValueError(
+            f'the checkpoint {path} does not fit this task and model '
+            f'(another task, action space or size?): {first}') from None
+      except Exception as error:  # Truncated or missing files.
+        first = (str(error).strip().splitlines() or [''])[0][:200]
+        say(f'Warning: cannot read the checkpoint {path} '
+            f'({type(error).__name__}: {first})' +
+            ('; trying the one before it.' if index + 1 < len(paths) else '.'))
+        continue
+      if index:  # Forget the unreadable newer ones: they will be replaced.
+        self._tf.compat.v1.train.update_checkpoint_state(
+            str(self._directory), path, all_model_checkpoint_paths=[path])
+        self._manager = self._make_manager()
+      return True
+    if paths:
+      raise ValueError(f'no checkpoint in {self._directory} can be read '
+                       '(see the warnings above): move the folder aside to '
+                       'start training afresh.')
+    return False
 
   def save(self, step):
     self._step.assign(step)
     return self._manager.save()
+
+
+class NonFinite(RuntimeError):
+  """A non-finite loss or action: the run stops without saving, so the last
+  good checkpoint stays the latest."""
+
+
+# Metrics that must be finite after every update.
+FINITE = ('model_loss', 'actor_loss', 'value_loss')
+
+
+def finite_actions(actions, step=None):
+  """The actions as an array; NonFinite if any is NaN or infinite (MuJoCo
+  would crash the worker on it)."""
+  actions = np.asarray(actions)
+  if not np.all(np.isfinite(actions)):
+    where = '' if step is None else f' at step {step}'
+    raise NonFinite(
+        f'the policy produced a non-finite action{where} '
+        f'({actions.tolist()}); it was not sent to the environment. The '
+        'weights or the observations hold NaN: resume from the last good '
+        'checkpoint with lower learning rates.')
+  return actions
 
 
 def expl_amount(config, step):
@@ -332,6 +410,7 @@ class Run:
     self._should_log = tools.Every(c.log_every)
     self._state = None
     self._last_log = (self.step, time.time())
+    self._nan_steps = 0
     self._overall = overall_progress(self.step, c.steps, disable=True)
     # The metrics so far (also those of earlier processes of this run), for
     # the health checks of dreamer_tf.doctor.
@@ -376,7 +455,7 @@ class Run:
     def policy(images, reset, state):
       amount = expl_amount(self.config, self.step)
       actions, state = self.policy(images, reset, state, True, amount)
-      return np.asarray(actions), state
+      return finite_actions(actions, self.step), state
     self._collect(policy, steps, 'collect', before_step=self.train_if_due)
 
   def evaluate(self):
@@ -401,6 +480,11 @@ class Run:
       self._overall.refresh()  # Keep its elapsed time and estimate current.
       batch = next(dataset)
       metrics = self.agent.train(batch)
+      bad = [k for k in FINITE if k in metrics and
+             not np.isfinite(float(metrics[k]))]
+      if bad:
+        self._non_finite(batch, {k: float(metrics[k]) for k in bad})
+        continue
       if c.log_scalars:
         for name, value in metrics.items():
           self.logger.scalar(name, value)
@@ -411,6 +495,28 @@ class Run:
       if c.log_images:
         self.logger.video('train/openl', np.asarray(video))
       self._write_logs()
+
+  def _non_finite(self, batch, losses):
+    """A non-finite loss: the optimizers have skipped the update. With
+    --on_nan skip, count it; with stop, keep the batch and stop."""
+    if self.config.on_nan == 'skip':
+      self._nan_steps += 1
+      self.logger.scalar('nan_steps', self._nan_steps)
+      return
+    folder = self.logdir / 'nan'
+    folder.mkdir(exist_ok=True)
+    path = folder / f'batch-{self.step}.npz'
+    np.savez_compressed(path, **{k: np.asarray(v) for k, v in batch.items()})
+    info = dict(step=self.step, losses=losses, batch=path.name,
+                last_checkpoint=self.checkpoint.latest,
+                last_checkpoint_step=self.checkpoint.step)
+    (folder / f'info-{self.step}.json').write_text(json.dumps(info, indent=2))
+    names = ', '.join(f'{k} = {v}' for k, v in losses.items())
+    raise NonFinite(
+        f'{names} at step {self.step}: stopped; the batch is in {path} and '
+        f'the last good checkpoint is {self.checkpoint.latest} (step '
+        f'{self.checkpoint.step}). Lower the learning rates, or pass '
+        '--on_nan skip to skip such updates.')
 
   def dataset(self):
     if self._dataset is None:
@@ -495,7 +601,8 @@ def make_run(config):
   return Run(
       config, agent=agent, policy=agent_lib.Policy(agent),
       train_envs=train_envs, eval_env=eval_env,
-      checkpoint=Checkpointer(agent, logdir), logger=tools.Logger(logdir),
+      checkpoint=Checkpointer(agent, logdir, owner=True),
+      logger=tools.Logger(logdir),
       dataset=dataset)
 
 
@@ -507,7 +614,7 @@ def run_episodes(policy, env, count, config):
   bar = progress(None, 'eval', 'episode', total=count)
   def act(images, reset, state):
     actions, state = policy(images, reset, state, False, config.eval_noise)
-    return np.asarray(actions), state
+    return finite_actions(actions), state
   def on_episode(index, episode):
     episodes.append(episode)
     bar.update(1)
@@ -577,40 +684,96 @@ def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt
 
 
+def train(config):
+  """--mode train: owns the logdir, checks a rerun against the stored
+  config before writing anything, then trains. Returns the exit status."""
+  logdir = pathlib.Path(config.logdir).expanduser()
+  if logdir.exists() and not logdir.is_dir():
+    raise rundir.LogdirError(f'--logdir {logdir} is a file, not a folder.')
+  try:
+    logdir.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise rundir.LogdirError(
+        f'cannot create --logdir {logdir}: {error.strerror}.') from None
+  lock = rundir.Lock(logdir)
+  notice = lock.acquire()
+  try:
+    if notice:
+      print(notice)
+    changes = rundir.check_rerun(logdir, config)
+    dreamer_tf.quiet_tensorflow()  # The flags are fine: now load TensorFlow.
+    setup_tensorflow(config)
+    seed_everything(config.seed)
+    print(f'Logdir {logdir}, task {config.task}.')
+    run = make_run(config)  # Fails on a checkpoint that does not fit.
+    rundir.store_config(logdir, config, changes)
+    if changes:
+      print('Changed since the last start: ' + ', '.join(
+          f'--{k} {old!r} -> {new!r}' for k, (old, new) in changes.items()))
+    # A scheduler's SIGTERM saves like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+      run.train_loop()
+    except KeyboardInterrupt:
+      # Keep the training since the last save; rerun the command to resume.
+      print(f'Interrupted at step {run.step}: saving a checkpoint.')
+      run.save()
+      return 130
+    except NonFinite as error:
+      # Not saved: the last good checkpoint stays the latest.
+      print(f'dreamer.py: error: {error}', file=sys.stderr)
+      return 3
+    except Exception as error:  # A dead worker, a full disk, a bug.
+      return _crashed(run, logdir, error)
+    finally:
+      run.close()
+    return 0
+  finally:
+    lock.release()
+
+
+def _crashed(run, logdir, error):
+  """Keeps the training since the last save, writes the traceback to
+  <logdir>/crash.log and says both in one line."""
+  import traceback
+  text = ''.join(traceback.format_exception(error))
+  saved = ''
+  try:
+    run.save()
+    saved = f'saved a checkpoint at step {run.step}; '
+  except Exception as save_error:  # E.g. the disk is full.
+    saved = f'could not save a checkpoint ({save_error}); '
+  try:
+    (logdir / 'crash.log').write_text(text)
+    where = f'traceback in {logdir / "crash.log"}'
+  except OSError:
+    where = 'traceback not written'
+  first = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  print(f'dreamer.py: error: {type(error).__name__}: {first} ({saved}'
+        f'{where}).', file=sys.stderr)
+  return 1
+
+
 def main(argv=None):
   try:
     config = parse_args(argv)
     check_config(config)
   except (ValueError, RuntimeError) as error:
     sys.exit(f'dreamer.py: error: {error}')
-  logdir = pathlib.Path(config.logdir).expanduser()
-  dreamer_tf.quiet_tensorflow()  # The flags are fine: now load TensorFlow.
-  setup_tensorflow(config)
-  seed_everything(config.seed)
-  if config.mode == 'eval':
-    try:
+  try:
+    if config.mode == 'eval':
+      dreamer_tf.quiet_tensorflow()
+      setup_tensorflow(config)
+      seed_everything(config.seed)
       return evaluate_checkpoint(config)
-    except ValueError as error:
-      sys.exit(f'dreamer.py: error: {error}')
-  logdir.mkdir(parents=True, exist_ok=True)
-  with (logdir / 'config.json').open('w') as f:
-    json.dump(vars(config), f, indent=2)
-  print(f'Logdir {logdir}, task {config.task}.')
-  try:
-    run = make_run(config)
-  except ValueError as error:  # E.g. a checkpoint of another model size.
-    sys.exit(f'dreamer.py: error: {error}')
-  # A scheduler's SIGTERM saves like Ctrl-C does.
-  signal.signal(signal.SIGTERM, _raise_interrupt)
-  try:
-    run.train_loop()
-  except KeyboardInterrupt:
-    # Keep the training since the last save; rerun the command to resume.
-    print(f'Interrupted at step {run.step}: saving a checkpoint.')
-    run.save()
+    status = train(config)
+  except KeyboardInterrupt:  # During start-up: nothing to save yet.
+    print('Interrupted.', file=sys.stderr)
     sys.exit(130)
-  finally:
-    run.close()
+  except ValueError as error:  # The logdir, or a checkpoint that won't fit.
+    sys.exit(f'dreamer.py: error: {error}')
+  if status:
+    sys.exit(status)
 
 
 if __name__ == '__main__':

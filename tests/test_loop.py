@@ -304,3 +304,43 @@ def test_a_check_that_turns_into_a_problem_is_said_once(tmp_path, capsys):
   assert lines[0].startswith('[1100] doctor: KL (posterior vs prior) is a '
                              'problem since step 500')
   assert '--free_nats' in lines[0]
+
+
+def test_a_nan_loss_stops_and_keeps_the_batch(tmp_path):
+  import math
+
+  import pytest
+  run = make_fake_run(config_for(tmp_path), {'model_loss': math.nan})
+  with pytest.raises(dreamer.NonFinite, match='model_loss = nan at step 500'):
+    run.train_loop()
+  with np.load(tmp_path / 'nan' / 'batch-500.npz') as batch:
+    assert batch['image'].shape == (10,) + IMAGE
+  info = json.loads((tmp_path / 'nan' / 'info-500.json').read_text())
+  assert info['losses'] == {'model_loss': None} or math.isnan(
+      info['losses']['model_loss'])
+  assert info['last_checkpoint'] is None
+  assert run.checkpoint.saves == []   # The bad state is never saved.
+
+
+def test_a_nan_loss_is_skipped_and_counted_when_asked(tmp_path):
+  import math
+  run = make_fake_run(config_for(tmp_path, on_nan='skip'),
+                      {'model_loss': math.nan})
+  run.train_loop()
+  assert run.step == 1500 and not (tmp_path / 'nan').exists()
+  assert run._nan_steps == len(run.agent.train_steps) == 9
+
+
+def test_a_non_finite_action_never_reaches_the_environment(tmp_path):
+  import pytest
+  run = make_fake_run(config_for(tmp_path))
+  sent = []
+  for envs in (run.train_envs, run.eval_env):
+    envs.step = lambda actions, step=envs.step: (
+        sent.append(actions) or step(actions))
+  def nan_policy(images, reset, state, training, amount):
+    return np.full((len(images), 1), np.nan, np.float32), state
+  run.policy = nan_policy
+  with pytest.raises(dreamer.NonFinite, match='non-finite action'):
+    run.train_loop()
+  assert all(np.all(np.isfinite(a)) for actions in sent for a in actions)

@@ -1,0 +1,228 @@
+"""Protections of a long run: one owner per logdir, reruns checked before
+anything is written, flags in range, checkpoints that fall back, NaN stops,
+crashes that keep the work. Each test fails without its protection."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import dreamer
+from dreamer_tf import rundir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=300):
+  return subprocess.run(
+      [sys.executable, 'dreamer.py', *map(str, args)], cwd=ROOT,
+      capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result):
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  return result.returncode != 0 and 'Traceback' not in result.stderr and \
+      len(lines) == 1
+
+
+HOLD = '''if True:
+  import sys, time
+  from dreamer_tf import rundir
+  lock = rundir.Lock(sys.argv[1])
+  print(lock.acquire(), flush=True)
+  time.sleep(600)
+'''
+
+
+def hold_lock(logdir):
+  holder = subprocess.Popen([sys.executable, '-c', HOLD, str(logdir)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == 'None'
+  return holder
+
+
+def test_a_second_trainer_stops_at_once_naming_the_first(tmp_path):
+  holder = hold_lock(tmp_path)
+  try:
+    start = time.time()
+    result = run('--logdir', tmp_path, '--preset', 'debug',
+                 '--task', 'dmc_cartpole_balance')
+    assert time.time() - start < 30
+    assert one_line_error(result), result.stderr
+    assert f'pid {holder.pid}' in result.stderr
+    assert 'another dreamer.py trains in' in result.stderr
+    assert not (tmp_path / 'config.json').exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder died without releasing: the next owner takes over, saying so.
+  lock = rundir.Lock(tmp_path)
+  notice = lock.acquire()
+  assert notice and f'pid {holder.pid}' in notice
+  # While held, a second lock in this process is refused too.
+  with pytest.raises(rundir.LogdirError, match=f'pid {os.getpid()}'):
+    rundir.Lock(tmp_path).acquire()
+  lock.release()
+  assert rundir.Lock(tmp_path).acquire() is None  # Released cleanly.
+
+
+def write_config(logdir, **flags):
+  config = dreamer.parse_args(['--logdir', str(logdir), '--preset', 'debug',
+                               '--task', 'dmc_cartpole_balance',
+                               *sum([[f'--{k}', str(v)] for k, v in
+                                     flags.items()], [])])
+  logdir.mkdir(parents=True, exist_ok=True)
+  rundir.store_config(logdir, config, {})
+  return config
+
+
+def test_a_rerun_with_another_task_or_size_changes_nothing(tmp_path):
+  write_config(tmp_path)
+  before = (tmp_path / 'config.json').read_bytes()
+  result = run('--logdir', tmp_path, '--preset', 'debug',
+               '--task', 'dmc_walker_walk', '--cnn_depth', 8)
+  assert one_line_error(result), result.stderr
+  assert "--task 'dmc_cartpole_balance' -> 'dmc_walker_walk'" in result.stderr
+  assert '--cnn_depth 4 -> 8' in result.stderr
+  assert (tmp_path / 'config.json').read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      'config.json', 'lock']
+  # Only the (released) lock was added: the stored run is as it was.
+  assert (tmp_path / 'lock').read_text() == ''
+
+
+def test_allowed_changes_are_recorded(tmp_path):
+  write_config(tmp_path, steps=1500)
+  config = dreamer.parse_args(['--logdir', str(tmp_path), '--preset',
+                               'debug', '--task', 'dmc_cartpole_balance',
+                               '--steps', '3000', '--eval_every', '500'])
+  changes = rundir.check_rerun(tmp_path, config)
+  assert changes == {'steps': (1500, 3000), 'eval_every': (1000, 500)}
+  rundir.store_config(tmp_path, config, changes)
+  stored = json.loads((tmp_path / 'config.json').read_text())
+  assert stored['steps'] == 3000
+  assert stored['_history'][0]['changed']['steps'] == dict(old=1500, new=3000)
+  assert rundir.read_config(tmp_path)['steps'] == 3000
+  assert '_history' not in rundir.read_config(tmp_path)
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--model_lr', '-1'], '--model_lr -1.0 must be at least 0'),
+    (['--free_nats', '-1'], '--free_nats -1.0 must be at least 0'),
+    (['--grad_clip', '0'], '--grad_clip 0.0 must be above 0'),
+    (['--discount', '1.5'], '--discount 1.5 must be in [0, 1]'),
+    (['--disclam', 'nan'], '--disclam nan must be in [0, 1]'),
+    (['--expl_amount', '-0.1'], '--expl_amount -0.1 must be at least 0'),
+    (['--steps', '400'], 'not above --prefill'),
+    (['--eval_every', '0'], '--eval_every 0 must be at least 1'),
+    (['--weight_decay_pattern', '('], 'not a regular expression'),
+])
+def test_out_of_range_flags_are_refused_before_any_work(tmp_path, flags,
+                                                         message):
+  result = run('--logdir', tmp_path / 'run', '--preset', 'debug', *flags,
+               timeout=60)
+  assert one_line_error(result) and message in result.stderr, result.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_logdir_that_is_a_file_is_one_line(tmp_path):
+  (tmp_path / 'file').write_text('x')
+  result = run('--logdir', tmp_path / 'file', '--preset', 'debug', timeout=60)
+  assert one_line_error(result) and 'is a file' in result.stderr
+
+
+def test_ctrl_c_during_start_up_is_quiet(tmp_path):
+  process = subprocess.Popen(
+      [sys.executable, 'dreamer.py', '--logdir', str(tmp_path), '--preset',
+       'debug', '--task', 'dmc_cartpole_balance'], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    # The lock is written first; TensorFlow takes seconds to load after it.
+    deadline = time.time() + 60
+    while not (tmp_path / 'lock').exists() or \
+        not (tmp_path / 'lock').read_text():
+      assert time.time() < deadline and process.poll() is None
+      time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+  finally:
+    process.kill()
+  assert process.returncode == 130 and 'Traceback' not in stderr, stderr
+  assert stderr.strip() == 'Interrupted.'
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+  from dreamer_tf import agent as agent_lib
+  from tiny import tiny_config
+  agent = agent_lib.Dreamer(tiny_config(), 2)
+  first = agent.encoder.trainable_variables[0].numpy()
+  checkpoint = dreamer.Checkpointer(agent, tmp_path, owner=True)
+  checkpoint.save(100)
+  variable = agent.encoder.trainable_variables[0]
+  variable.assign(variable + 1.0)
+  newest = checkpoint.save(200)
+  # Truncate the newest checkpoint's data, as a full disk or kill might.
+  data = next(pathlib.Path(tmp_path / 'checkpoints').glob(
+      pathlib.Path(newest).name + '.data-*'))
+  data.write_bytes(data.read_bytes()[:100])
+  (tmp_path / 'checkpoints' / 'ckpt-3_temp').mkdir()  # A killed save.
+
+  fresh = agent_lib.Dreamer(tiny_config(), 2)
+  restored = dreamer.Checkpointer(fresh, tmp_path, owner=True)
+  assert restored.restore() and restored.step == 100
+  np.testing.assert_array_equal(
+      fresh.encoder.trainable_variables[0].numpy(), first)
+  out = capsys.readouterr().out
+  assert f'cannot read the checkpoint {newest}' in out
+  assert 'trying the one before it' in out
+  assert not (tmp_path / 'checkpoints' / 'ckpt-3_temp').exists()
+  assert restored.latest.endswith('ckpt-1')
+  # A new save goes after the good one and keeps it.
+  restored.save(300)
+  again = dreamer.Checkpointer(agent_lib.Dreamer(tiny_config(), 2), tmp_path)
+  assert again.restore() and again.step == 300
+  # When none can be read: one clear error.
+  for path in (tmp_path / 'checkpoints').glob('*.data-*'):
+    path.write_bytes(b'')
+  with pytest.raises(ValueError, match='can be read'):
+    dreamer.Checkpointer(agent_lib.Dreamer(tiny_config(), 2),
+                         tmp_path).restore()
+
+
+def test_a_killed_worker_stops_the_run_in_one_line_after_saving(tmp_path):
+  import psutil
+  process = subprocess.Popen(
+      [sys.executable, 'dreamer.py', '--logdir', str(tmp_path), '--task',
+       'dmc_cartpole_balance', '--preset', 'debug', '--steps', '100000',
+       '--eval_every', '100000'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    # Four finished episodes: past the prefill (500) and the pretraining.
+    while len(list((tmp_path / 'episodes').glob('*.npz'))) < 4:
+      assert process.poll() is None, process.communicate()[1][-2000:]
+      assert time.time() < deadline
+      time.sleep(0.5)
+    for child in psutil.Process(process.pid).children():
+      child.kill()
+    stdout, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 1, stderr[-2000:]
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and 'Traceback' not in stderr, stderr
+  assert 'died with exit code -9 (SIGKILL)' in stderr
+  assert 'saved a checkpoint at step' in stderr
+  assert 'Traceback' in (tmp_path / 'crash.log').read_text()
+  import tensorflow as tf
+  step = int(tf.train.load_checkpoint(str(tmp_path / 'checkpoints'))
+             .get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE'))
+  assert step >= 800
+  # The lock is free again: the next run may start.
+  assert rundir.Lock(tmp_path).acquire() is None
