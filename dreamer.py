@@ -63,6 +63,8 @@ def define_flags():
   f('prefill', 5000, 'Random-action environment steps before training.')
   f('eval_noise', 0.0, 'Exploration amount during evaluation.')
   f('clip_rewards', 'none', 'none, or tanh: squash rewards for training.')
+  f('env_timeout', 60.0, 'Seconds an environment worker may take to answer '
+    'before the run saves and stops, naming it.')
   f.group('Model')
   f('deter_size', 200, 'GRU state size (also the RSSM hidden size).')
   f('stoch_size', 30, 'Stochastic state size.')
@@ -145,7 +147,8 @@ RANGES = (
       'kl_scale', 'pcont_scale', 'weight_decay', 'model_lr', 'value_lr',
       'actor_lr', 'expl_amount', 'expl_decay', 'expl_min', 'eval_noise',
       'seed'), lambda v: v >= 0, 'at least 0'),
-    (('grad_clip', 'action_init_std'), lambda v: v > 0, 'above 0'),
+    (('grad_clip', 'action_init_std', 'env_timeout'), lambda v: v > 0,
+     'above 0'),
     (('discount', 'disclam', 'kl_balance'), lambda v: 0 <= v <= 1,
      'in [0, 1]'),
 )
@@ -258,7 +261,8 @@ def make_envs(config, train):
       wrappers.make_env, config.task, action_repeat=config.action_repeat,
       time_limit=config.time_limit, seed=config.seed + index + (
           0 if train else 10_000), train=train) for index in range(count)]
-  return wrappers.Envs(ctors, config.parallel if train else 'none')
+  return wrappers.Envs(ctors, config.parallel if train else 'none',
+                       timeout=config.env_timeout)
 
 
 def seed_everything(seed):
@@ -365,6 +369,12 @@ def finite_actions(actions, step=None):
   return actions
 
 
+def episode_spec(envs):
+  """Trailing shapes every stored episode of these environments has."""
+  return dict(image=tuple(envs.observation_space['image'].shape),
+              action=tuple(envs.action_space.shape))
+
+
 def expl_amount(config, step):
   """Exploration amount at environment step `step`: expl_amount *
   0.5 ** (step / expl_decay) when expl_decay > 0, never below expl_min."""
@@ -400,7 +410,9 @@ class Run:
     self.train_envs, self.eval_env = train_envs, eval_env
     self.checkpoint, self.logger = checkpoint, logger
     self._make_dataset, self._dataset = dataset, None
-    self.step = replay.count_steps(self.datadir, c.action_repeat)
+    # Only valid episodes of this run count; others move to rejected/.
+    self.step = replay.check_episodes(
+        self.datadir, c.action_repeat, episode_spec(train_envs), say)
     self.restored = self.checkpoint.restore()
     if self.restored:
       # The checkpoint counts the steps of the unfinished episode at save
@@ -597,7 +609,8 @@ def make_run(config):
     raise
   dataset = functools.partial(
       replay.make_dataset, logdir / 'episodes', config.batch_size,
-      config.batch_length, config.dataset_balance, config.seed)
+      config.batch_length, config.dataset_balance, config.seed,
+      spec=episode_spec(train_envs))
   return Run(
       config, agent=agent, policy=agent_lib.Policy(agent),
       train_envs=train_envs, eval_env=eval_env,

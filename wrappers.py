@@ -21,6 +21,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 import traceback
 import types
 import weakref
@@ -547,11 +548,13 @@ class Envs:
   without `__main__`. `parallel='process'` gives each env its own worker
   and steps them concurrently; `'none'` steps all of them in one worker.
   Errors in a worker are re-raised here with its traceback; a worker that
-  dies raises RuntimeError with its exit code. Workers stop on `close()`,
-  on leaving a `with` block, and at interpreter exit.
+  dies raises RuntimeError with its exit code, and one that does not answer
+  within `timeout` seconds (hung, or stopped) raises TimeoutError naming its
+  pid and what it was doing. Workers stop on `close()`, on leaving a `with`
+  block, and at interpreter exit.
   """
 
-  def __init__(self, ctors, parallel='process'):
+  def __init__(self, ctors, parallel='process', timeout=None):
     ctors = list(ctors)
     if parallel == 'process':
       groups = [[ctor] for ctor in ctors]
@@ -566,6 +569,8 @@ class Envs:
     self._where = [(w, j) for w, size in enumerate(self._sizes)
                    for j in range(size)]
     self._conns, self._procs, self._closed = [], [], False
+    self._timeout = timeout
+    self._doing = ['starting'] * len(groups)
     _LIVE.add(self)
     try:
       self._start(groups)
@@ -665,6 +670,8 @@ class Envs:
   def _send(self, worker, message):
     if self._closed:
       raise RuntimeError('Envs is closed.')
+    self._doing[worker] = 'resetting' if message[0] == 'reset' else \
+        'stepping' if message[0] == 'step' else message[0]
     try:
       self._conns[worker].send(message)
     except (BrokenPipeError, ConnectionError, EOFError, OSError):
@@ -672,9 +679,16 @@ class Envs:
 
   def _receive(self, worker):
     conn, proc = self._conns[worker], self._procs[worker]
+    start = time.monotonic()
     while not conn.poll(0.1):
       if not proc.is_alive():
         raise self._died(worker)
+      if self._timeout and time.monotonic() - start > self._timeout:
+        raise TimeoutError(
+            f'Environment worker {worker} (pid {proc.pid}) did not answer '
+            f'within {self._timeout:g} s while {self._doing[worker]}: it '
+            'hangs or was stopped (raise --env_timeout for slow '
+            'environments).')
     try:
       status, payload = conn.recv()
     except (EOFError, ConnectionError, OSError):

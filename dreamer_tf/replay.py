@@ -148,7 +148,7 @@ def _read_episode(path):
   return _check_episode(episode)
 
 
-def load_episodes(directory, cache=None, min_length=0):
+def load_episodes(directory, cache=None, min_length=0, spec=None):
   """Load every episode file in `directory` that is not yet in `cache`.
 
   `cache` maps file names (not full paths) to episodes; it is updated in
@@ -158,7 +158,8 @@ def load_episodes(directory, cache=None, min_length=0):
   Unreadable or truncated files are skipped with a warning naming the file
   and are not retried until they change. Temporary `.tmp` files are never
   read. Float arrays are returned as float32. A missing directory adds
-  nothing.
+  nothing. With `spec` ({key: trailing shape}), episodes of other shapes
+  are moved to `rejected/` with a warning when they are loaded.
   """
   cache = {} if cache is None else cache
   directory = pathlib.Path(directory).expanduser()
@@ -183,9 +184,98 @@ def load_episodes(directory, cache=None, min_length=0):
       warnings.warn(f'Skipping unreadable episode file {path}: '
                     f'{type(error).__name__}: {error}', stacklevel=2)
       continue
+    arrays = {k: (v.dtype, v.shape) for k, v in episode.items()}
+    reason = _mismatch(arrays, spec)
+    if reason:
+      reject(path, reason)
+      continue
     if len(episode['image']) >= min_length:
       cache[path.name] = episode
   return cache
+
+
+def inspect_episode(path):
+  """{key: (dtype, shape)} of an episode file, read from the array headers
+  without decompressing the data (a few hundred bytes per key); raises
+  ValueError (or one of _READ_ERRORS) unless it is a valid episode whose
+  length matches its name."""
+  arrays = {}
+  with zipfile.ZipFile(path) as archive:
+    for member in archive.namelist():
+      if not member.endswith('.npy'):
+        raise ValueError(f'{member} is not a NumPy array')
+      with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+          shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+          shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:  # Rare: read the array itself.
+          f.seek(0)
+          array = np.lib.format.read_array(f, allow_pickle=False)
+          shape, dtype = array.shape, array.dtype
+      arrays[member[:-len('.npy')]] = (np.dtype(dtype), tuple(shape))
+  missing = [k for k in REQUIRED_KEYS if k not in arrays]
+  if missing:
+    raise ValueError(f'missing keys {missing}')
+  for key, ndim in _NDIMS.items():
+    if len(arrays[key][1]) != ndim:
+      raise ValueError(f'{key!r} has shape {arrays[key][1]}, not {ndim} dims')
+  if arrays['image'][0] != np.uint8:
+    raise ValueError(f"'image' is {arrays['image'][0]}, not uint8")
+  lengths = {shape[0] for _, shape in arrays.values() if shape}
+  named = _length_from_name(path)
+  if len(lengths) != 1 or (named is not None and lengths != {named}):
+    raise ValueError(f'lengths {sorted(lengths)} do not match the name '
+                     f'({named})')
+  return arrays
+
+
+def _mismatch(arrays, spec):
+  """Why an episode's trailing shapes differ from `spec` ({key: shape}),
+  or None."""
+  for key, shape in (spec or {}).items():
+    have = tuple(arrays[key][1][1:]) if key in arrays else None
+    if have != tuple(shape):
+      return f'{key} shape {have} where this run has {tuple(shape)}'
+  return None
+
+
+def reject(path, reason, say=None):
+  """Moves `path` to `<its folder>/rejected/` and says why, in one line."""
+  path = pathlib.Path(path)
+  folder = path.parent / 'rejected'
+  folder.mkdir(exist_ok=True)
+  os.replace(path, folder / path.name)
+  text = (f'Warning: moved {path.name} to {folder}: not an episode of this '
+          f'run ({reason}).')
+  if say:
+    say(text)
+  else:
+    warnings.warn(text, stacklevel=3)
+
+
+def check_episodes(directory, action_repeat, spec=None, say=None):
+  """Environment steps of the valid episode files in `directory`: their
+  headers are read (not their data); files that are not episodes, whose
+  length disagrees with their name, or whose trailing shapes differ from
+  `spec` ({key: shape}, e.g. image (64, 64, 3), action (6,)) are moved to
+  `rejected/` with one warning each, and do not count."""
+  directory = pathlib.Path(directory).expanduser()
+  if not directory.is_dir():
+    return 0
+  total = 0
+  for path in sorted(directory.glob('*.npz')):
+    try:
+      arrays = inspect_episode(path)
+      reason = _mismatch(arrays, spec)
+    except (*_READ_ERRORS, TypeError) as error:
+      reason = f'{type(error).__name__}: {error}'
+    if reason:
+      reject(path, reason, say)
+      continue
+    total += episode_steps(arrays['image'][1][0], action_repeat)
+  return total
 
 
 def count_steps(directory, action_repeat):
@@ -208,7 +298,7 @@ def count_steps(directory, action_repeat):
   return total
 
 
-def _usable(directory, cache, length, timeout, poll=0.5):
+def _usable(directory, cache, length, timeout, poll=0.5, spec=None):
   """Sorted names of cached episodes >= `length` steps, after a reload.
 
   Polls `directory` until there is one, for up to `timeout` seconds, then
@@ -217,7 +307,7 @@ def _usable(directory, cache, length, timeout, poll=0.5):
   deadline = time.monotonic() + timeout
   while True:
     if directory is not None:
-      load_episodes(directory, cache, min_length=length)
+      load_episodes(directory, cache, min_length=length, spec=spec)
     names = sorted(k for k, v in list(cache.items())
                    if len(v['image']) >= length)
     if names:
@@ -233,7 +323,8 @@ def _usable(directory, cache, length, timeout, poll=0.5):
 
 
 def sample_windows(directory, length, balance=False, seed=None, *,
-                   cache=None, keys=None, reload_every=100, timeout=30.0):
+                   cache=None, keys=None, reload_every=100, timeout=30.0,
+                   spec=None):
   """Infinite generator of windows of `length` consecutive steps.
 
   Each window is a dict (all the episode's keys, or only `keys`) of new
@@ -244,7 +335,9 @@ def sample_windows(directory, length, balance=False, seed=None, *,
 
   `directory` is re-read through `cache` (so only new files are loaded)
   every `reload_every` windows; this picks up episodes written after the
-  generator started. If no episode is long enough, it polls the directory
+  generator started. Episodes whose trailing shapes differ from `spec`
+  ({key: shape}) are moved to `rejected/` when loaded. If no episode is
+  long enough, it polls the directory
   for up to `timeout` seconds and then raises RuntimeError. With
   `directory=None` it samples only from the episodes already in `cache`.
   """
@@ -255,7 +348,7 @@ def sample_windows(directory, length, balance=False, seed=None, *,
   names = []
   for count in itertools.count():
     if not names or (directory is not None and count % reload_every == 0):
-      names = _usable(directory, cache, length, timeout)
+      names = _usable(directory, cache, length, timeout, spec=spec)
     episode = cache[names[int(rng.integers(0, len(names)))]]
     total = len(episode['image'])
     if balance:
@@ -268,7 +361,7 @@ def sample_windows(directory, length, balance=False, seed=None, *,
 
 def make_dataset(directory, batch_size, batch_length, balance=False,
                  seed=None, keys=REQUIRED_KEYS, *, reload_every=100,
-                 timeout=30.0, prefetch=10):
+                 timeout=30.0, prefetch=10, spec=None):
   """A `tf.data.Dataset` of dict batches `[batch_size, batch_length, ...]`.
 
   Windows come from `sample_windows` (see there for sampling, reloading and
@@ -279,7 +372,8 @@ def make_dataset(directory, batch_size, batch_length, balance=False,
   """
   import tensorflow as tf
   cache = {}
-  first = cache[_usable(directory, cache, batch_length, timeout)[0]]
+  first = cache[_usable(directory, cache, batch_length, timeout,
+                       spec=spec)[0]]
   missing = [k for k in keys if k not in first]
   if missing:
     raise ValueError(f'Episodes have no keys {missing}; '
@@ -292,7 +386,7 @@ def make_dataset(directory, batch_size, batch_length, balance=False,
   def windows():
     return sample_windows(
       directory, batch_length, balance, seed, cache=cache, keys=keys,
-      reload_every=reload_every, timeout=timeout)
+      reload_every=reload_every, timeout=timeout, spec=spec)
 
   dataset = tf.data.Dataset.from_generator(
     windows, output_signature=signature)

@@ -43,6 +43,7 @@ class FakeEnvs:
     self._envs = [wrappers.Collect(wrappers.TimeLimit(CountingEnv(), duration))
                   for _ in range(count)]
     self.action_space = self._envs[0].action_space
+    self.observation_space = self._envs[0].observation_space
     self.closed = False
 
   def __len__(self):
@@ -344,3 +345,17 @@ def test_a_non_finite_action_never_reaches_the_environment(tmp_path):
   with pytest.raises(dreamer.NonFinite, match='non-finite action'):
     run.train_loop()
   assert all(np.all(np.isfinite(a)) for actions in sent for a in actions)
+
+
+def test_a_foreign_file_does_not_count_and_is_moved_aside(tmp_path, capsys):
+  config = config_for(tmp_path, steps=1000)
+  make_fake_run(config).train_loop()
+  # An empty file whose name claims 100,000 steps: it would end the run.
+  bogus = tmp_path / 'episodes' / '20260101T000000-bogus-50001.npz'
+  bogus.write_bytes(b'')
+  run = make_fake_run(config_for(tmp_path, steps=2000))
+  assert run.step == 1000
+  assert (tmp_path / 'episodes' / 'rejected' / bogus.name).exists()
+  assert f'moved {bogus.name}' in capsys.readouterr().out
+  run.train_loop()
+  assert run.step == 2000 and len(run.agent.train_steps) > 0

@@ -245,3 +245,41 @@ def test_time_limit_and_batch_length_check_agree(tmp_path):
   dreamer.check_config(dreamer.parse_args(flags + ['--batch_length', '4']))
   with pytest.raises(ValueError, match='longer than an episode'):
     dreamer.check_config(dreamer.parse_args(flags + ['--batch_length', '5']))
+
+
+def test_only_valid_episodes_of_this_run_count(tmp_path):
+  good = [replay.save_episode(tmp_path, make_episode(i, 11, size=8))
+          for i in range(2)]
+  # An empty file that claims 100,000 steps, a truncated one, one of other
+  # image and action shapes, one whose length disagrees with its name.
+  (tmp_path / '20260101T000000-empty-100001.npz').write_bytes(b'')
+  data = good[0].read_bytes()
+  (tmp_path / '20260101T000000-cut-11.npz').write_bytes(data[:len(data) // 2])
+  replay.save_episode(tmp_path, make_episode(7, 11, size=16))
+  other = make_episode(8, 11, size=8)
+  other['action'] = np.zeros((11, 3), np.float32)
+  replay.save_episode(tmp_path, other)
+  shutil.copy(good[1], tmp_path / '20260101T000000-renamed-50.npz')
+  said = []
+  spec = dict(image=(8, 8, 3), action=(2,))
+  assert replay.check_episodes(tmp_path, 2, spec, said.append) == 2 * 10 * 2
+  assert sorted(p.name for p in tmp_path.glob('*.npz')) == sorted(
+      p.name for p in good)
+  assert len(list((tmp_path / 'rejected').glob('*.npz'))) == 5
+  assert len(said) == 5 and all('moved' in line and 'rejected' in line
+                                for line in said)
+  assert any('image shape (16, 16, 3) where this run has (8, 8, 3)' in line
+             for line in said)
+  assert any('action shape (3,) where this run has (2,)' in line
+             for line in said)
+  assert any('empty' in line and 'BadZipFile' in line for line in said)
+  assert any('do not match the name (50)' in line for line in said)
+
+
+def test_episodes_of_other_shapes_are_rejected_when_loaded(tmp_path):
+  replay.save_episode(tmp_path, make_episode(0, 11, size=8))
+  path = replay.save_episode(tmp_path, make_episode(1, 11, size=16))
+  with pytest.warns(UserWarning, match='image shape'):
+    cache = replay.load_episodes(tmp_path, spec=dict(image=(8, 8, 3)))
+  assert len(cache) == 1
+  assert (tmp_path / 'rejected' / path.name).exists()

@@ -331,3 +331,20 @@ def test_dmc_refuses_to_render_next_to_tensorflow():
 def test_envs_rejects_unknown_parallel_mode():
   with pytest.raises(ValueError, match='parallel'):
     wrappers.Envs([env_ctor('atari_pong')], parallel='thread')
+
+
+def test_a_stopped_worker_is_a_timeout_naming_it():
+  ctor = env_ctor('dmc_cartpole_balance', action_repeat=2, time_limit=20)
+  with wrappers.Envs([ctor], parallel='none', timeout=2) as envs:
+    envs.reset(0)
+    pid = envs.pids[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+      start = time.time()
+      with pytest.raises(TimeoutError) as error:
+        envs.step([np.zeros(1, np.float32)])
+      assert 2 <= time.time() - start < 10
+    finally:
+      os.kill(pid, signal.SIGCONT)
+  message = str(error.value)
+  assert f'pid {pid}' in message and 'within 2 s while stepping' in message
