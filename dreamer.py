@@ -6,6 +6,7 @@
 Every flag of `define_flags()` is a command-line flag; --help lists them.
 """
 
+import errno
 import functools
 import json
 import math
@@ -761,10 +762,25 @@ def _crashed(run, logdir, error):
     where = f'traceback in {logdir / "crash.log"}'
   except OSError:
     where = 'traceback not written'
-  first = str(error).strip().splitlines()[0] if str(error).strip() else ''
-  print(f'dreamer.py: error: {type(error).__name__}: {first} ({saved}'
-        f'{where}).', file=sys.stderr)
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    name = error.filename or 'a file'
+    device = _device_of(pathlib.Path(error.filename or logdir))
+    what = f'no space left on {device} writing {name}'
+  else:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    what = f'{type(error).__name__}: {first}'
+  print(f'dreamer.py: error: {what} ({saved}{where}).', file=sys.stderr)
   return 1
+
+
+def _device_of(path):
+  """The mount point holding `path` (what `df` would name)."""
+  path = path.absolute()
+  while not path.exists() or not os.path.ismount(path):
+    if path.parent == path:
+      break
+    path = path.parent
+  return str(path)
 
 
 def main(argv=None):

@@ -359,3 +359,25 @@ def test_a_foreign_file_does_not_count_and_is_moved_aside(tmp_path, capsys):
   assert f'moved {bogus.name}' in capsys.readouterr().out
   run.train_loop()
   assert run.step == 2000 and len(run.agent.train_steps) > 0
+
+
+def test_a_full_disk_is_one_line_after_keeping_the_last_state(tmp_path,
+                                                             capsys):
+  import errno
+  import os
+  config = config_for(tmp_path, steps=1000)
+  run = make_fake_run(config)
+  run.train_loop()
+  path = str(tmp_path / 'metrics.jsonl')
+  def full(step):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+  run.logger.write = full
+  status = dreamer._crashed(run, tmp_path, OSError(
+      errno.ENOSPC, os.strerror(errno.ENOSPC), path))
+  err = capsys.readouterr().err.strip()
+  assert status == 1 and len(err.splitlines()) == 1
+  assert err.startswith('dreamer.py: error: no space left on ')
+  assert f'writing {path}' in err
+  # The save was tried; it wrote no half state (the logger failed first).
+  assert 'could not save a checkpoint' in err
+  assert run.checkpoint.saves == [1000]

@@ -226,3 +226,25 @@ def test_a_killed_worker_stops_the_run_in_one_line_after_saving(tmp_path):
   assert step >= 800
   # The lock is free again: the next run may start.
   assert rundir.Lock(tmp_path).acquire() is None
+
+
+def test_a_resume_restores_the_optimizer_state_exactly(tmp_path):
+  from tiny import random_batch, tiny_config
+
+  from dreamer_tf import agent as agent_lib
+  agent = agent_lib.Dreamer(tiny_config(), 2)
+  for seed in range(3):
+    agent.train(random_batch(seed=seed))
+  dreamer.Checkpointer(agent, tmp_path, owner=True).save(1234)
+  fresh = agent_lib.Dreamer(tiny_config(), 2)
+  checkpoint = dreamer.Checkpointer(fresh, tmp_path, owner=True)
+  assert checkpoint.restore() and checkpoint.step == 1234
+  for name in ('model_opt', 'actor_opt', 'value_opt'):
+    saved, restored = getattr(agent, name), getattr(fresh, name)
+    assert int(restored.iterations) == 3
+    # Adam's moments and step count, then the weights they update.
+    pairs = list(zip(saved._opt.variables, restored._opt.variables))
+    pairs += list(zip(saved.variables, restored.variables))
+    assert len(pairs) > 3
+    for a, b in pairs:
+      np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
