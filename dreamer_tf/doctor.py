@@ -108,6 +108,14 @@ def _trend(values, digits=3, window=3):
   return text
 
 
+def _too_few(name, rule, values, needed, unit='points'):
+  """A 'too early' Result when `values` has fewer than `needed` entries."""
+  if len(values) < needed:
+    return Result(name, EARLY, rule, trend=f'{len(values)} of {needed} '
+                  f'{unit}')
+  return None
+
+
 def _threshold_check(name, history, key, low_is_bad, ok, watch, rule,
                      remedy, meaning, min_points=3, start=0, window=3):
   """A check of the recent mean of `key` against two thresholds: with
@@ -115,9 +123,9 @@ def _threshold_check(name, history, key, low_is_bad, ok, watch, rule,
   otherwise). Too early with fewer than `min_points` values after `start`."""
   kept = [(s, v) for s, v in zip(*series(history, key)) if s >= start]
   steps, values = [s for s, _ in kept], [v for _, v in kept]
-  if len(values) < min_points:
-    return Result(name, EARLY, rule, trend=f'{len(values)} of {min_points} '
-                  'points')
+  early = _too_few(name, rule, values, min_points, 'points')
+  if early:
+    return early
   now = _mean(values[-window:])
   if low_is_bad:
     verdict = OK if now >= ok else WATCH if now >= watch else PROBLEM
@@ -159,9 +167,9 @@ def check_finite(history, config):
 def check_reconstruction(history, config):
   rule = 'image_mse now / first <= 0.5 ok, <= 0.9 watch'
   steps, values = series(history, 'image_mse')
-  if len(values) < 4:
-    return Result('reconstruction', EARLY, rule,
-                  trend=f'{len(values)} of 4 points')
+  early = _too_few('reconstruction', rule, values, 4, 'points')
+  if early:
+    return early
   ratio = _mean(values[-3:]) / values[0] if values[0] else math.inf
   verdict = OK if ratio <= 0.5 else WATCH if ratio <= 0.9 else PROBLEM
   since = _streak_start(steps, values, lambda v: v > 0.9 * values[0]) \
@@ -177,9 +185,9 @@ def check_reconstruction(history, config):
 def check_kl(history, config):
   rule = 'kl >= 1 nat (collapse below), <= 10 x max(free_nats, 1)'
   steps, values = series(history, 'kl')
-  if len(values) < 3:
-    return Result('KL (posterior vs prior)', EARLY, rule,
-                  trend=f'{len(values)} of 3 points')
+  early = _too_few('KL (posterior vs prior)', rule, values, 3, 'points')
+  if early:
+    return early
   now = _mean(values[-3:])
   high = 10 * max(float(config['free_nats']), 1.0)
   if now < 1.0:
@@ -242,9 +250,9 @@ def check_policy_actions(history, config):
   if config.get('action_dist') != 'tanh_normal':
     return None
   steps, values = series(history, 'test/action_sat')
-  if len(values) < 5:
-    return Result('policy actions', EARLY, rule,
-                  trend=f'{len(values)} of 5 evaluations')
+  early = _too_few('policy actions', rule, values, 5, 'evaluations')
+  if early:
+    return early
   return _threshold_check(
       'policy actions', history, 'test/action_sat', False, 0.5, 0.9, rule,
       remedy='lower --actor_lr, train the model longer first (--pretrain), '
@@ -257,9 +265,9 @@ def check_values(history, config):
   rule = 'value_gap / max(|return_mean|, 1) <= 0.25 ok, <= 1 watch'
   steps, gaps = series(history, 'value_gap')
   _, returns = series(history, 'return_mean')
-  if len(gaps) < 5 or len(returns) != len(gaps):
-    return Result('values vs returns', EARLY, rule,
-                  trend=f'{len(gaps)} of 5 points')
+  early = _too_few('values vs returns', rule, gaps, 5, 'points')
+  if early:
+    return early
   ratios = [g / max(abs(r), 1.0) for g, r in zip(gaps, returns)]
   history_ratio = [dict(step=s, ratio=x) for s, x in zip(steps, ratios)]
   result = _threshold_check(
@@ -276,9 +284,9 @@ def check_values(history, config):
 def check_model_loss(history, config):
   rule = 'model_loss lower than at the start'
   steps, values = series(history, 'model_loss')
-  if len(values) < 4:
-    return Result('model loss falls', EARLY, rule,
-                  trend=f'{len(values)} of 4 points')
+  early = _too_few('model loss falls', rule, values, 4, 'points')
+  if early:
+    return early
   falling = _mean(values[-3:]) < _mean(values[:3])
   return Result('model loss falls', OK if falling else WATCH, rule,
                 f'{_mean(values[-3:]):.6g}', _trend(values, digits=6))
@@ -287,9 +295,9 @@ def check_model_loss(history, config):
 def check_return(history, config):
   rule = 'test/return of the last 3 evals above the first 3'
   steps, values = series(history, 'test/return')
-  if len(values) < 4:
-    return Result('test return rises', EARLY, rule,
-                  trend=f'{len(values)} of 4 evaluations')
+  early = _too_few('test return rises', rule, values, 4, 'evaluations')
+  if early:
+    return early
   rising = _mean(values[-3:]) > _mean(values[:3])
   return Result('test return rises', OK if rising else WATCH, rule,
                 f'{_mean(values[-3:]):.4g}', _trend(values, digits=4))

@@ -1,0 +1,30 @@
+"""Real dreamer.py processes for the tests, at --preset debug sizes."""
+
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def start_training(logdir, episodes=4, timeout=300):
+  """Starts a long cartpole_balance run in `logdir` and returns the process
+  once `episodes` episodes are stored (4: past the prefill of 500 steps and
+  the pretraining)."""
+  process = subprocess.Popen(
+      [sys.executable, 'dreamer.py', '--logdir', str(logdir), '--task',
+       'dmc_cartpole_balance', '--preset', 'debug', '--steps', '100000',
+       '--eval_every', '100000'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + timeout
+  try:
+    while len(list((pathlib.Path(logdir) / 'episodes').glob('*.npz'))) < \
+        episodes:
+      assert process.poll() is None, process.communicate()[1][-2000:]
+      assert time.time() < deadline, 'no episodes in time'
+      time.sleep(0.5)
+  except BaseException:
+    process.kill()
+    raise
+  return process
