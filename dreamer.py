@@ -415,19 +415,21 @@ class Run:
     self.step = replay.check_episodes(
         self.datadir, c.action_repeat, episode_spec(train_envs), say)
     self.restored = self.checkpoint.restore()
-    if self.restored:
-      # The checkpoint counts the steps of the unfinished episode at save
-      # time too; episodes stored after the save count when there are more.
-      self.step = max(self.step, self.checkpoint.step)
+    # The metrics so far (also those of earlier processes of this run), for
+    # the health checks of dreamer_tf.doctor.
+    self._history = doctor.read_history(self.logdir)
+    # Never count backwards: the checkpoint and the last logged step also
+    # count the unfinished episode of a process that stopped (or was
+    # killed); its interaction happened, only its frames were not stored.
+    self.step = max([self.step] + (
+        [self.checkpoint.step] if self.restored else []) + (
+        [max(r['step'] for r in self._history)] if self._history else []))
     self._should_train = tools.Every(c.train_every)
     self._should_log = tools.Every(c.log_every)
     self._state = None
     self._last_log = (self.step, time.time())
     self._nan_steps = 0
     self._overall = overall_progress(self.step, c.steps, disable=True)
-    # The metrics so far (also those of earlier processes of this run), for
-    # the health checks of dreamer_tf.doctor.
-    self._history = doctor.read_history(self.logdir)
     self._watcher = doctor.Watcher(vars(c))
 
   def close(self):
@@ -441,6 +443,9 @@ class Run:
     if self.restored:
       print(f'Resumed from {self.checkpoint.latest} at step '
             f'{self.step} ({self.agent.updates} updates).')
+    elif self.step:
+      print(f'Continuing at step {self.step} from the stored episodes and '
+            'logs (no checkpoint yet: the model starts afresh).')
     self._overall = overall_progress(self.step, c.steps)
     try:
       if self.step < c.prefill:

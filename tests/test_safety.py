@@ -5,6 +5,7 @@ crashes that keep the work. Each test fails without its protection."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -238,3 +239,50 @@ def test_a_resume_restores_the_optimizer_state_exactly(tmp_path):
     assert len(pairs) > 3
     for a, b in pairs:
       np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+@pytest.mark.parametrize('when', ['prefill', 'pretraining', 'training'])
+def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path, when):
+  import hashlib
+
+  from runs import start_training
+
+  from dreamer_tf import replay
+  metrics = tmp_path / 'metrics.jsonl'
+  process = start_training(tmp_path, episodes=dict(
+      prefill=1, pretraining=2, training=4)[when])
+  if when == 'pretraining':
+    # The prefill ends at 500 mid-episode and logs step 500; the files hold
+    # 400 steps until the episode ends at 600, after the pretraining.
+    deadline = time.time() + 120
+    while not (metrics.exists() and '"step": 500' in metrics.read_text()):
+      assert time.time() < deadline and process.poll() is None
+      time.sleep(0.02)
+  process.kill()   # SIGKILL: no handler runs.
+  process.wait()
+  files = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                   for p in (tmp_path / 'episodes').glob('*.npz')}
+  before = files()
+  logged = [json.loads(line)['step'] for line in
+            metrics.read_text().splitlines()] if metrics.exists() else [0]
+  stored = replay.count_steps(tmp_path / 'episodes', 2)
+  result = run('--logdir', tmp_path, '--task', 'dmc_cartpole_balance',
+               '--preset', 'debug', '--steps', 2000)
+  assert result.returncode == 0, result.stderr[-2000:]
+  # It goes on from where the killed run had got to, not from before.
+  start = int(re.search(r'at step (\d+)', result.stdout).group(1))
+  assert start >= max(logged) and start >= stored and start > 0
+  after = files()
+  # Nothing lost or changed, nothing half-written or rejected.
+  assert {k: after[k] for k in before} == before
+  assert not (tmp_path / 'episodes' / 'rejected').exists()
+  for name in after:
+    replay.inspect_episode(tmp_path / 'episodes' / name)
+  # The episodes hold the steps run after the kill, once each: the new
+  # files' steps plus the old ones never exceed the final count.
+  assert replay.count_steps(tmp_path / 'episodes', 2) <= 2000
+  assert len(after) > len(before)
+  # The step count never went backwards, across both processes.
+  steps = [json.loads(line)['step'] for line in
+           metrics.read_text().splitlines()]
+  assert steps == sorted(steps) and steps[-1] == 2000
