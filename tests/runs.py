@@ -8,14 +8,15 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def start_training(logdir, episodes=4, timeout=300):
-  """Starts a long cartpole_balance run in `logdir` and returns the process
-  once `episodes` episodes are stored (4: past the prefill of 500 steps and
-  the pretraining)."""
+def start_training(logdir, episodes=4, *flags, timeout=300):
+  """Starts a long cartpole_balance run in `logdir` (no evaluation or save
+  before 100,000 steps unless `flags` say otherwise) and returns the
+  process once `episodes` episodes are stored (4: past the prefill of 500
+  steps and the pretraining)."""
   process = subprocess.Popen(
       [sys.executable, 'dreamer.py', '--logdir', str(logdir), '--task',
        'dmc_cartpole_balance', '--preset', 'debug', '--steps', '100000',
-       '--eval_every', '100000'],
+       '--eval_every', '100000', *map(str, flags)],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + timeout
   try:

@@ -286,3 +286,27 @@ def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path, when):
   steps = [json.loads(line)['step'] for line in
            metrics.read_text().splitlines()]
   assert steps == sorted(steps) and steps[-1] == 2000
+
+
+def test_readers_work_on_a_run_being_trained(tmp_path):
+  from runs import start_training
+  # A save after every 600 steps: the first at 1100.
+  process = start_training(tmp_path, 4, '--eval_every', 600)
+  try:
+    deadline = time.time() + 300
+    while not (tmp_path / 'checkpoints' / 'checkpoint').exists():
+      assert time.time() < deadline and process.poll() is None
+      time.sleep(0.5)
+    evaluation = run('--logdir', tmp_path, '--mode', 'eval',
+                     '--eval_episodes', 1)
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    assert json.loads((tmp_path / 'eval' / 'returns.json').read_text())[
+        'returns']
+    doctor = subprocess.run(
+        [sys.executable, '-m', 'dreamer_tf.doctor', '--logdir', str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert doctor.returncode in (0, 1) and 'Health of the run' in doctor.stdout
+    assert process.poll() is None  # The trainer was not disturbed.
+  finally:
+    process.kill()
+    process.wait()
