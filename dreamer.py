@@ -348,8 +348,13 @@ class Checkpointer:
 
 
 class NonFinite(RuntimeError):
-  """A non-finite loss or action: the run stops without saving, so the last
-  good checkpoint stays the latest."""
+  """A non-finite loss or action stops the run. `weights_ok`: the weights
+  are still good (a non-finite update is never applied) and are saved; after
+  a non-finite action they may not be, and nothing is saved."""
+
+  def __init__(self, message, weights_ok=False):
+    super().__init__(message)
+    self.weights_ok = weights_ok
 
 
 # Metrics that must be finite after every update.
@@ -531,10 +536,11 @@ class Run:
     (folder / f'info-{self.step}.json').write_text(json.dumps(info, indent=2))
     names = ', '.join(f'{k} = {v}' for k, v in losses.items())
     raise NonFinite(
-        f'{names} at step {self.step}: stopped; the batch is in {path} and '
-        f'the last good checkpoint is {self.checkpoint.latest} (step '
-        f'{self.checkpoint.step}). Lower the learning rates, or pass '
-        '--on_nan skip to skip such updates.')
+        f'{names} at step {self.step}: stopped; the batch is in {path}, the '
+        'weights (the bad update was not applied) are saved, the checkpoint '
+        f'before was {self.checkpoint.latest} (step {self.checkpoint.step}). '
+        'Lower the learning rates, or pass --on_nan skip to skip such '
+        'updates.', weights_ok=True)
 
   def dataset(self):
     if self._dataset is None:
@@ -739,7 +745,8 @@ def train(config):
       run.save()
       return 130
     except NonFinite as error:
-      # Not saved: the last good checkpoint stays the latest.
+      if error.weights_ok:
+        run.save()
       print(f'dreamer.py: error: {error}', file=sys.stderr)
       return 3
     except Exception as error:  # A dead worker, a full disk, a bug.

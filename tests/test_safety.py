@@ -310,3 +310,18 @@ def test_readers_work_on_a_run_being_trained(tmp_path):
   finally:
     process.kill()
     process.wait()
+
+
+def test_a_diverging_run_stops_at_the_first_nan_in_one_line(tmp_path):
+  # A learning rate of 1e30 throws the weights far away in one update; the
+  # next loss is not finite.
+  result = run('--logdir', tmp_path, '--task', 'dmc_cartpole_balance',
+               '--preset', 'debug', '--model_lr', '1e30')
+  assert result.returncode == 3 and one_line_error(result), result.stderr
+  assert 'model_loss = nan' in result.stderr
+  batch = next((tmp_path / 'nan').glob('batch-*.npz'))
+  with np.load(batch) as data:
+    assert data['image'].shape == (4, 10, 64, 64, 3)
+  info = json.loads(next((tmp_path / 'nan').glob('info-*.json')).read_text())
+  assert info['batch'] == batch.name and info['step'] == 500
+  assert (tmp_path / 'checkpoints' / 'checkpoint').exists()
