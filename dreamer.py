@@ -768,21 +768,34 @@ def _crashed(run, logdir, error):
     run.save()
     saved = f'saved a checkpoint at step {run.step}; '
   except Exception as save_error:  # E.g. the disk is full.
-    saved = f'could not save a checkpoint ({save_error}); '
+    reason = _describe(save_error, logdir)
+    saved = f'could not save a checkpoint: {reason}; '
   try:
     (logdir / 'crash.log').write_text(text)
     where = f'traceback in {logdir / "crash.log"}'
   except OSError:
     where = 'traceback not written'
-  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-    name = error.filename or 'a file'
-    device = _device_of(pathlib.Path(error.filename or logdir))
-    what = f'no space left on {device} writing {name}'
-  else:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ''
-    what = f'{type(error).__name__}: {first}'
-  print(f'dreamer.py: error: {what} ({saved}{where}).', file=sys.stderr)
+  print(f'dreamer.py: error: {_describe(error, logdir)} ({saved}{where}).',
+        file=sys.stderr)
   return 1
+
+
+def _describe(error, logdir):
+  """One line for an exception; a full disk (an OSError, or TensorFlow's
+  error when saving) as `no space left on <device> writing <file>`."""
+  text = str(error).strip()
+  full = re.search(r'(/\S+?)(?:\.tempstate\d+)?; No space left on device',
+                   text)
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    name = error.filename
+  elif full:
+    # TensorFlow writes a checkpoint into <name>_temp/ first.
+    name = re.sub(r'_temp/.*$', '', full.group(1))
+  else:
+    first = text.splitlines()[0] if text else ''
+    return f'{type(error).__name__}: {first}'
+  device = _device_of(pathlib.Path(name or logdir))
+  return f'no space left on {device} writing {name or "a file"}'
 
 
 def _device_of(path):
