@@ -325,3 +325,35 @@ def test_a_diverging_run_stops_at_the_first_nan_in_one_line(tmp_path):
   info = json.loads(next((tmp_path / 'nan').glob('info-*.json')).read_text())
   assert info['batch'] == batch.name and info['step'] == 500
   assert (tmp_path / 'checkpoints' / 'checkpoint').exists()
+
+
+def test_two_steps_after_a_resume_equal_two_steps_without_it(tmp_path):
+  # Run eagerly with the global seed reset before the two steps, so that
+  # both agents draw the same noise: then only the restored state differs.
+  import tensorflow as tf
+  from tiny import random_batch, tiny_config
+
+  from dreamer_tf import agent as agent_lib
+  tf.config.run_functions_eagerly(True)
+  try:
+    agent = agent_lib.Dreamer(tiny_config(), 2)
+    for seed in range(2):
+      agent.train(random_batch(seed=seed))
+    dreamer.Checkpointer(agent, tmp_path, owner=True).save(100)
+    def two_steps(dreamer_agent):
+      tf.random.set_seed(7)
+      for seed in (10, 11):
+        dreamer_agent.train(random_batch(seed=seed))
+      return [v.numpy() for opt in (dreamer_agent.model_opt,
+                                    dreamer_agent.actor_opt,
+                                    dreamer_agent.value_opt)
+              for v in opt.variables]
+    uninterrupted = two_steps(agent)
+    resumed = agent_lib.Dreamer(tiny_config(), 2)
+    assert dreamer.Checkpointer(resumed, tmp_path).restore()
+    after_resume = two_steps(resumed)
+  finally:
+    tf.config.run_functions_eagerly(False)
+  assert len(after_resume) == len(uninterrupted) > 10
+  for a, b in zip(uninterrupted, after_resume):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
