@@ -331,9 +331,9 @@ def test_two_steps_after_a_resume_equal_two_steps_without_it(tmp_path):
   # Run eagerly with the global seed reset before the two steps, so that
   # both agents draw the same noise: then only the restored state differs.
   import tensorflow as tf
-  from tiny import random_batch, tiny_config
 
   from dreamer_tf import agent as agent_lib
+  from tiny import random_batch, tiny_config
   tf.config.run_functions_eagerly(True)
   try:
     agent = agent_lib.Dreamer(tiny_config(), 2)
