@@ -96,6 +96,9 @@ def define_flags():
     '<logdir>/nan/, exit status 3), or skip the update and count it '
     '(nan_steps).')
   f('dataset_balance', False, 'Bias training windows towards episode ends.')
+  f('replay_size', int(1e6), 'Environment steps of the newest episodes kept '
+    'in memory for training (about 6 GB per 1e6 at action repeat 2); older '
+    'ones stay on disk and in the step count. 0: all, as the reference.')
   f.group('Behavior')
   f('discount', 0.99, 'Discount of the imagined returns.')
   f('disclam', 0.95, 'Lambda of the imagined returns.')
@@ -147,7 +150,7 @@ RANGES = (
     (('prefill', 'log_every', 'train_steps', 'pretrain', 'free_nats',
       'kl_scale', 'pcont_scale', 'weight_decay', 'model_lr', 'value_lr',
       'actor_lr', 'expl_amount', 'expl_decay', 'expl_min', 'eval_noise',
-      'seed'), lambda v: v >= 0, 'at least 0'),
+      'seed', 'replay_size'), lambda v: v >= 0, 'at least 0'),
     (('grad_clip', 'action_init_std', 'env_timeout'), lambda v: v > 0,
      'above 0'),
     (('discount', 'disclam', 'kl_balance'), lambda v: 0 <= v <= 1,
@@ -622,7 +625,8 @@ def make_run(config):
   dataset = functools.partial(
       replay.make_dataset, logdir / 'episodes', config.batch_size,
       config.batch_length, config.dataset_balance, config.seed,
-      spec=episode_spec(train_envs))
+      spec=episode_spec(train_envs), capacity=replay.agent_steps(
+          config.replay_size, config.action_repeat))
   return Run(
       config, agent=agent, policy=agent_lib.Policy(agent),
       train_envs=train_envs, eval_env=eval_env,

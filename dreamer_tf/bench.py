@@ -20,6 +20,7 @@ sizes, one batched policy call per agent step (the collection).
 import argparse
 import json
 import os
+import pathlib
 import resource
 import subprocess
 import sys
@@ -119,6 +120,66 @@ def measure_collection(args):
     print(json.dumps(dict(task=args.task, rows=rows)))
 
 
+def measure_replay(args):
+  """Peak memory of the replay holding `--stored` environment steps of
+  synthetic 64x64x3 episodes (of the default length, action repeat 2),
+  without a bound and with `--replay_size`. Each variant runs in its own
+  process (`--child_replay`), which loads the episodes through the
+  training sampler and draws windows from them."""
+  import shutil
+  import tempfile
+
+  import numpy as np
+
+  from dreamer_tf import replay
+  repeat, length = 2, 501
+  count = max(1, args.stored // replay.episode_steps(length, repeat))
+  folder = pathlib.Path(tempfile.mkdtemp(prefix='replay-bench-'))
+  try:
+    print(f'writing {count} synthetic episodes of {length} steps '
+          f'({count * replay.episode_steps(length, repeat):,} env steps)...',
+          file=sys.stderr)
+    rng = np.random.default_rng(0)
+    for _ in range(count):
+      replay.save_episode(folder, dict(
+          # One random row per frame: realistic sizes, quick to compress.
+          image=np.broadcast_to(rng.integers(0, 256, (length, 1, 64, 3),
+                                             dtype=np.uint8),
+                                (length, 64, 64, 3)).copy(),
+          action=np.zeros((length, 6), np.float32),
+          reward=np.zeros(length, np.float32),
+          discount=np.ones(length, np.float32)))
+    rows = []
+    for bound in (0, args.replay_size):
+      command = [sys.executable, '-m', 'dreamer_tf.bench', '--child_replay',
+                 str(folder), '--replay_size', str(bound)]
+      result = subprocess.run(command, capture_output=True, text=True)
+      if result.returncode != 0:
+        sys.exit(f'bench: replay failed:\n{result.stderr[-2000:]}')
+      rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
+  print(f'{"replay_size":>12}  {"episodes held":>13}  {"peak RSS MB":>11}')
+  for row in rows:
+    print(f'{row["replay_size"] or "all":>12}  {row["episodes"]:>13}  '
+          f'{row["peak_rss_mb"]:>11}')
+  if args.json:
+    print(json.dumps(dict(stored=args.stored, rows=rows)))
+
+
+def replay_child(folder, bound):
+  from dreamer_tf import replay
+  cache = {}
+  windows = replay.sample_windows(
+      folder, 50, seed=0, cache=cache,
+      capacity=replay.agent_steps(bound, 2))
+  for _ in range(100):
+    next(windows)
+  held = sum(episode is not None for episode in cache.values())
+  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return dict(replay_size=bound, episodes=held, peak_rss_mb=round(peak_mb))
+
+
 def run_child(precision, args):
   command = [sys.executable, '-m', 'dreamer_tf.bench', '--child',
              str(precision),
@@ -145,7 +206,20 @@ def main(argv=None):
   parser.add_argument('--envs', type=int, default=1)
   parser.add_argument('--parallel', choices=['none', 'process'], default='none')
   parser.add_argument('--agent_steps', type=int, default=300)
+  parser.add_argument('--replay', action='store_true',
+                      help='measure the replay memory with and without a '
+                      'bound instead')
+  parser.add_argument('--stored', type=int, default=int(1e6),
+                      help='environment steps stored (--replay)')
+  parser.add_argument('--replay_size', type=int, default=int(2e5),
+                      help='the bound to compare with none (--replay)')
+  parser.add_argument('--child_replay', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.child_replay:
+    print(json.dumps(replay_child(args.child_replay, args.replay_size)))
+    return
+  if args.replay:
+    return measure_replay(args)
   if args.collect:
     return measure_collection(args)
   if args.steps < 1:

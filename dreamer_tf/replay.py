@@ -148,7 +148,8 @@ def _read_episode(path):
   return _check_episode(episode)
 
 
-def load_episodes(directory, cache=None, min_length=0, spec=None):
+def load_episodes(directory, cache=None, min_length=0, spec=None,
+                  capacity=None):
   """Load every episode file in `directory` that is not yet in `cache`.
 
   `cache` maps file names (not full paths) to episodes; it is updated in
@@ -159,16 +160,28 @@ def load_episodes(directory, cache=None, min_length=0, spec=None):
   and are not retried until they change. Temporary `.tmp` files are never
   read. Float arrays are returned as float32. A missing directory adds
   nothing. With `spec` ({key: trailing shape}), episodes of other shapes
-  are moved to `rejected/` with a warning when they are loaded.
+  are moved to `rejected/` with a warning when they are loaded. With
+  `capacity` (agent steps), files are read newest first, and files older
+  than the newest held episode are not read once the cache holds
+  `capacity` steps: they are marked None (see `evict`), so memory never
+  holds much more than the bound.
   """
   cache = {} if cache is None else cache
   directory = pathlib.Path(directory).expanduser()
   if not directory.is_dir():
     return cache
-  for path in sorted(directory.glob('*.npz')):
+  paths = sorted(directory.glob('*.npz'))
+  held = sum(len(e['image']) - 1 for e in cache.values() if e is not None)
+  newest = max((n for n, e in cache.items() if e is not None), default='')
+  if capacity:
+    paths = paths[::-1]
+  for path in paths:
     named_length = _length_from_name(path)
     if path.name in cache or (
         named_length is not None and named_length < min_length):
+      continue
+    if capacity and held >= capacity and path.name < newest:
+      cache[path.name] = None  # Older than what the bound keeps: not read.
       continue
     try:
       stat = path.stat()
@@ -191,6 +204,8 @@ def load_episodes(directory, cache=None, min_length=0, spec=None):
       continue
     if len(episode['image']) >= min_length:
       cache[path.name] = episode
+      held += len(episode['image']) - 1
+      newest = max(newest, path.name)
   return cache
 
 
@@ -298,8 +313,27 @@ def count_steps(directory, action_repeat):
   return total
 
 
-def _usable(directory, cache, length, timeout, poll=0.5, spec=None):
-  """Sorted names of cached episodes >= `length` steps, after a reload.
+def evict(cache, capacity):
+  """Drops the oldest episodes of `cache` (by file name, which starts with
+  the time) until it holds at most `capacity` agent steps, always keeping
+  the newest one. A dropped name stays in the cache as None, so that it is
+  not loaded again; its file stays on disk. None or 0: keep everything."""
+  if not capacity:
+    return
+  held = [(name, len(episode['image']) - 1)
+          for name, episode in sorted(cache.items()) if episode is not None]
+  total = sum(steps for _, steps in held)
+  for name, steps in held[:-1]:
+    if total <= capacity:
+      break
+    cache[name] = None
+    total -= steps
+
+
+def _usable(directory, cache, length, timeout, poll=0.5, spec=None,
+            capacity=None):
+  """Sorted names of cached episodes >= `length` steps, after a reload and
+  the eviction of the oldest beyond `capacity` agent steps.
 
   Polls `directory` until there is one, for up to `timeout` seconds, then
   raises RuntimeError.
@@ -307,9 +341,11 @@ def _usable(directory, cache, length, timeout, poll=0.5, spec=None):
   deadline = time.monotonic() + timeout
   while True:
     if directory is not None:
-      load_episodes(directory, cache, min_length=length, spec=spec)
+      load_episodes(directory, cache, min_length=length, spec=spec,
+                    capacity=capacity)
+    evict(cache, capacity)
     names = sorted(k for k, v in list(cache.items())
-                   if len(v['image']) >= length)
+                   if v is not None and len(v['image']) >= length)
     if names:
       return names
     if directory is None or time.monotonic() >= deadline:
@@ -324,7 +360,7 @@ def _usable(directory, cache, length, timeout, poll=0.5, spec=None):
 
 def sample_windows(directory, length, balance=False, seed=None, *,
                    cache=None, keys=None, reload_every=100, timeout=30.0,
-                   spec=None):
+                   spec=None, capacity=None):
   """Infinite generator of windows of `length` consecutive steps.
 
   Each window is a dict (all the episode's keys, or only `keys`) of new
@@ -336,9 +372,11 @@ def sample_windows(directory, length, balance=False, seed=None, *,
   `directory` is re-read through `cache` (so only new files are loaded)
   every `reload_every` windows; this picks up episodes written after the
   generator started. Episodes whose trailing shapes differ from `spec`
-  ({key: shape}) are moved to `rejected/` when loaded. If no episode is
-  long enough, it polls the directory
-  for up to `timeout` seconds and then raises RuntimeError. With
+  ({key: shape}) are moved to `rejected/` when loaded. With `capacity`,
+  only the newest episodes holding at most that many agent steps (plus
+  one episode) stay in memory (see `evict`). If no episode is long
+  enough, it polls the directory for up to `timeout` seconds and then
+  raises RuntimeError. With
   `directory=None` it samples only from the episodes already in `cache`.
   """
   if length < 1:
@@ -348,7 +386,8 @@ def sample_windows(directory, length, balance=False, seed=None, *,
   names = []
   for count in itertools.count():
     if not names or (directory is not None and count % reload_every == 0):
-      names = _usable(directory, cache, length, timeout, spec=spec)
+      names = _usable(directory, cache, length, timeout, spec=spec,
+                      capacity=capacity)
     episode = cache[names[int(rng.integers(0, len(names)))]]
     total = len(episode['image'])
     if balance:
@@ -361,7 +400,7 @@ def sample_windows(directory, length, balance=False, seed=None, *,
 
 def make_dataset(directory, batch_size, batch_length, balance=False,
                  seed=None, keys=REQUIRED_KEYS, *, reload_every=100,
-                 timeout=30.0, prefetch=10, spec=None):
+                 timeout=30.0, prefetch=10, spec=None, capacity=None):
   """A `tf.data.Dataset` of dict batches `[batch_size, batch_length, ...]`.
 
   Windows come from `sample_windows` (see there for sampling, reloading and
@@ -373,7 +412,7 @@ def make_dataset(directory, batch_size, batch_length, balance=False,
   import tensorflow as tf
   cache = {}
   first = cache[_usable(directory, cache, batch_length, timeout,
-                       spec=spec)[0]]
+                       spec=spec, capacity=capacity)[0]]
   missing = [k for k in keys if k not in first]
   if missing:
     raise ValueError(f'Episodes have no keys {missing}; '
@@ -386,7 +425,8 @@ def make_dataset(directory, batch_size, batch_length, balance=False,
   def windows():
     return sample_windows(
       directory, batch_length, balance, seed, cache=cache, keys=keys,
-      reload_every=reload_every, timeout=timeout, spec=spec)
+      reload_every=reload_every, timeout=timeout, spec=spec,
+      capacity=capacity)
 
   dataset = tf.data.Dataset.from_generator(
     windows, output_signature=signature)

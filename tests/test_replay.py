@@ -283,3 +283,41 @@ def test_episodes_of_other_shapes_are_rejected_when_loaded(tmp_path):
     cache = replay.load_episodes(tmp_path, spec=dict(image=(8, 8, 3)))
   assert len(cache) == 1
   assert (tmp_path / 'rejected' / path.name).exists()
+
+
+def test_the_replay_bound_keeps_the_newest_episodes_in_memory(tmp_path):
+  # Six episodes of 10 agent steps, oldest first by the time in the name.
+  def add(index):
+    path = replay.save_episode(tmp_path, make_episode(index, 11))
+    name = f'20260101T0000{index:02d}-{path.name.split("-", 1)[1]}'
+    path.rename(tmp_path / name)
+  for index in range(6):
+    add(index)
+  cache = {}
+  windows = replay.sample_windows(tmp_path, 5, seed=0, cache=cache,
+                                  capacity=25, reload_every=50)
+  seen = set()
+  for _ in range(40):
+    window = next(windows)
+    check_window(window)           # Never crosses an episode.
+    seen.add(int(window['action'][0, 0]))
+  held = {int(e['action'][0, 0]) for e in cache.values() if e is not None}
+  # 60 steps in all; dropping the oldest until at most 25 remain: 4 and 5.
+  assert held == seen == {4, 5}
+  assert sum(len(e['image']) - 1 for e in cache.values() if e) <= 25 + 10
+  assert len(list(tmp_path.glob('*.npz'))) == 6   # All stay on disk.
+  # A newer episode arrives: the oldest in memory goes, none comes back.
+  add(6)
+  for _ in range(60):
+    seen.add(int(next(windows)['action'][0, 0]))
+  held = {int(e['action'][0, 0]) for e in cache.values() if e is not None}
+  assert held == {5, 6} and 6 in seen
+  assert replay.count_steps(tmp_path, 2) == 7 * 10 * 2   # Steps still count.
+
+
+def test_without_a_bound_everything_stays(tmp_path):
+  for index in range(4):
+    replay.save_episode(tmp_path, make_episode(index, 11))
+  cache = {}
+  next(replay.sample_windows(tmp_path, 5, cache=cache, capacity=0))
+  assert all(e is not None for e in cache.values()) and len(cache) == 4
