@@ -277,10 +277,28 @@ def seed_everything(seed):
 
 
 def setup_tensorflow(config):
+  """GPU memory growth; returns the line saying what the run computes on."""
   import tensorflow as tf
+  gpus = tf.config.list_physical_devices('GPU')
   if config.gpu_growth:
-    for gpu in tf.config.list_physical_devices('GPU'):
+    for gpu in gpus:
       tf.config.experimental.set_memory_growth(gpu, True)
+  return describe_devices(config, gpus)
+
+
+def describe_devices(config, gpus):
+  """One line: the devices and the dtype policy; on a machine with an
+  NVIDIA GPU that TensorFlow does not see, also how to fix that."""
+  from dreamer_tf import agent as agent_lib
+  policy = agent_lib.dtype_policy(config.precision, gpu=bool(gpus))
+  names = ', '.join(gpu.name.replace('/physical_device:', '')
+                    for gpu in gpus) or 'CPU'
+  line = f'Devices: {names}; dtype policy {policy}.'
+  if not gpus and shutil.which('nvidia-smi'):
+    line += (' This machine has an NVIDIA GPU (nvidia-smi) but TensorFlow '
+             'sees none: pip install "tensorflow[and-cuda]==2.21.0" brings '
+             'the CUDA libraries (README, "GPUs").')
+  return line
 
 
 class Checkpointer:
@@ -731,9 +749,10 @@ def train(config):
       print(notice)
     changes = rundir.check_rerun(logdir, config)
     dreamer_tf.quiet_tensorflow()  # The flags are fine: now load TensorFlow.
-    setup_tensorflow(config)
+    devices = setup_tensorflow(config)
     seed_everything(config.seed)
     print(f'Logdir {logdir}, task {config.task}.')
+    print(devices)
     run = make_run(config)  # Fails on a checkpoint that does not fit.
     rundir.store_config(logdir, config, changes)
     if changes:
@@ -821,7 +840,7 @@ def main(argv=None):
   try:
     if config.mode == 'eval':
       dreamer_tf.quiet_tensorflow()
-      setup_tensorflow(config)
+      print(setup_tensorflow(config))
       seed_everything(config.seed)
       return evaluate_checkpoint(config)
     status = train(config)

@@ -43,6 +43,7 @@ def test_dmc_end_to_end_then_resume(tmp_path):
   first = run('--logdir', logdir, '--task', 'dmc_cartpole_balance', *TINY,
               '--steps', 1500)
   assert first.returncode == 0, first.stderr[-3000:]
+  assert 'Devices: CPU; dtype policy float32.' in first.stdout
   episodes = sorted((logdir / 'episodes').glob('*.npz'))
   # 1500 steps at 200 per episode: 7 finished episodes of 100 agent steps.
   assert len(episodes) == 7

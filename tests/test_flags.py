@@ -91,3 +91,18 @@ def test_expl_amount_halves_every_decay_and_has_a_floor():
   assert dreamer.expl_amount(config, 1000) == pytest.approx(0.15)
   assert dreamer.expl_amount(config, 2000) == pytest.approx(0.075)
   assert dreamer.expl_amount(config, 10000) == 0.05
+
+
+def test_the_device_line_says_how_to_get_a_gpu_seen(monkeypatch):
+  import shutil
+  config = dreamer.define_config()
+  line = dreamer.describe_devices(config, [])
+  assert line.startswith('Devices: CPU; dtype policy mixed_bfloat16.')
+  monkeypatch.setattr(shutil, 'which', lambda name: '/usr/bin/' + name)
+  line = dreamer.describe_devices(config, [])
+  assert 'NVIDIA GPU' in line and 'tensorflow[and-cuda]==2.21.0' in line
+
+  class FakeGPU:
+    name = '/physical_device:GPU:0'
+  line = dreamer.describe_devices(config, [FakeGPU()])
+  assert line == 'Devices: GPU:0; dtype policy mixed_float16.'
