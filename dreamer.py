@@ -447,9 +447,10 @@ class Run:
     # Never count backwards: the checkpoint and the last logged step also
     # count the unfinished episode of a process that stopped (or was
     # killed); its interaction happened, only its frames were not stored.
-    self.step = max([self.step] + (
-        [self.checkpoint.step] if self.restored else []) + (
-        [max(r['step'] for r in self._history)] if self._history else []))
+    candidates = [self.step] + [r['step'] for r in self._history]
+    if self.restored:
+      candidates.append(self.checkpoint.step)
+    self.step = max(candidates)
     self._should_train = tools.Every(c.train_every)
     self._should_log = tools.Every(c.log_every)
     self._state = None

@@ -533,6 +533,9 @@ def _empty_main_module():
 
 _LIVE = weakref.WeakSet()
 
+# What a worker is doing while it answers a command, for timeout messages.
+_DOING = dict(step='stepping', reset='resetting')
+
 
 @atexit.register
 def _close_all():
@@ -670,8 +673,7 @@ class Envs:
   def _send(self, worker, message):
     if self._closed:
       raise RuntimeError('Envs is closed.')
-    self._doing[worker] = 'resetting' if message[0] == 'reset' else \
-        'stepping' if message[0] == 'step' else message[0]
+    self._doing[worker] = _DOING.get(message[0], message[0])
     try:
       self._conns[worker].send(message)
     except (BrokenPipeError, ConnectionError, EOFError, OSError):

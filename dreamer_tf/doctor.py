@@ -18,6 +18,8 @@ import math
 import pathlib
 import sys
 
+from dreamer_tf import rundir
+
 OK, WATCH, PROBLEM, EARLY = 'ok', 'watch', 'problem', 'too early'
 
 # An action entry with |a| above this counts as saturated (at the bounds of
@@ -68,12 +70,9 @@ def read_history(logdir):
 
 
 def read_config(logdir):
-  """The run's config.json over the defaults the checks need."""
-  config = dict(DEFAULTS)
-  path = pathlib.Path(logdir) / 'config.json'
-  if path.exists():
-    config.update(json.loads(path.read_text()))
-  return config
+  """The run's config.json (read by rundir, which owns it) over the
+  defaults the checks need."""
+  return dict(DEFAULTS, **(rundir.read_config(logdir) or {}))
 
 
 def series(history, key):
@@ -378,9 +377,8 @@ def main(argv=None):
     return 2
   try:
     config = read_config(logdir)
-  except ValueError as error:
-    print(f'doctor: error: {logdir / "config.json"} is not valid JSON: '
-          f'{error}', file=sys.stderr)
+  except rundir.LogdirError as error:
+    print(f'doctor: error: {error}', file=sys.stderr)
     return 2
   history = read_history(logdir)
   step = history[-1]['step'] if history else 0
