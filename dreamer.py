@@ -28,7 +28,7 @@ import numpy as np
 # checked before TensorFlow loads (replay needs it only for datasets).
 import dreamer_tf
 import wrappers
-from dreamer_tf import doctor, flags, replay, rundir
+from dreamer_tf import distribute, doctor, flags, replay, rundir
 
 # TensorFlow is imported inside main() only: spawned environment workers may
 # import this module, and TensorFlow must never load next to EGL rendering.
@@ -49,6 +49,11 @@ def define_flags():
   f('gpu_growth', True, 'Let TensorFlow grow GPU memory as needed.')
   f('precision', 16, '16: mixed bfloat16 on a CPU, mixed float16 on a GPU; '
     '32: float32.')
+  f('strategy', 'default', 'default: train on one device; mirrored: on every '
+    'visible GPU (or --devices) of this host; multi_worker: on the hosts of '
+    'the TF_CONFIG variable (README, "GPUs"). The batch is split evenly.')
+  f('devices', '', 'Devices of --strategy mirrored, e.g. GPU:0,GPU:1 '
+    '(CPU:0,CPU:1 splits the CPU into logical devices). Empty: every GPU.')
   f('mode', 'train', 'train, or eval: evaluate the checkpoint in --logdir.')
   f('eval_episodes', 10, 'Episodes of --mode eval.')
   f('preset', 'none', 'none, cpu or debug: a named group of flag values '
@@ -140,7 +145,7 @@ PRESETS = dict(
 
 # What --mode eval may change; the rest comes from the run's config.json.
 EVAL_FLAGS = ('logdir', 'mode', 'eval_episodes', 'eval_noise', 'seed',
-              'precision', 'gpu_growth', 'parallel')
+              'precision', 'gpu_growth', 'parallel', 'strategy', 'devices')
 
 # Numeric flags and their valid values (NaN and infinity are never valid).
 RANGES = (
@@ -159,6 +164,7 @@ RANGES = (
 
 CHOICES = dict(
     precision=(16, 32), parallel=('none', 'process'), mode=('train', 'eval'),
+    strategy=distribute.STRATEGIES,
     on_nan=('stop', 'skip'),
     preset=tuple(PRESETS), clip_rewards=('none', 'tanh'),
     action_dist=('tanh_normal', 'onehot'),
@@ -248,6 +254,14 @@ def check_config(config):
                      '--action_dist tanh_normal.')
   if config.expl == 'epsilon_greedy' and config.action_dist != 'onehot':
     raise ValueError('--expl epsilon_greedy needs --action_dist onehot.')
+  devices = distribute.parse_devices(config.devices)
+  if devices and config.strategy != 'mirrored':
+    raise ValueError('--devices is for --strategy mirrored; with '
+                     f'--strategy {config.strategy} leave it out.')
+  if devices:
+    distribute.check_batch(len(devices), config.batch_size)
+  if config.strategy == 'multi_worker' and config.mode == 'train':
+    distribute.read_tf_config()
   if config.expl == 'additive_gaussian' and config.action_dist == 'onehot':
     raise ValueError('--expl additive_gaussian makes one-hot actions invalid: '
                      'use --expl epsilon_greedy or completely_random.')
@@ -276,23 +290,30 @@ def seed_everything(seed):
   tf.random.set_seed(seed)
 
 
-def setup_tensorflow(config):
-  """GPU memory growth; returns the line saying what the run computes on."""
+def setup_tensorflow(config, strategy='default'):
+  """GPU memory growth and the tf.distribute strategy (None for
+  'default'), before any other TensorFlow work. Returns the strategy and
+  the line saying what the run computes on."""
   import tensorflow as tf
   gpus = tf.config.list_physical_devices('GPU')
   if config.gpu_growth:
     for gpu in gpus:
       tf.config.experimental.set_memory_growth(gpu, True)
-  return describe_devices(config, gpus)
+  strategy = distribute.make_strategy(strategy, config.devices)
+  distribute.check_batch(distribute.replicas(strategy), config.batch_size)
+  return strategy, describe_devices(config, gpus, strategy)
 
 
-def describe_devices(config, gpus):
+def describe_devices(config, gpus, strategy=None):
   """One line: the devices and the dtype policy; on a machine with an
   NVIDIA GPU that TensorFlow does not see, also how to fix that."""
   from dreamer_tf import agent as agent_lib
   policy = agent_lib.dtype_policy(config.precision, gpu=bool(gpus))
-  names = ', '.join(gpu.name.replace('/physical_device:', '')
-                    for gpu in gpus) or 'CPU'
+  if strategy is None:
+    names = ', '.join(gpu.name.replace('/physical_device:', '')
+                      for gpu in gpus) or 'CPU'
+  else:
+    names = distribute.describe(strategy, config.batch_size)
   line = f'Devices: {names}; dtype policy {policy}.'
   if not gpus and shutil.which('nvidia-smi'):
     line += (' This machine has an NVIDIA GPU (nvidia-smi) but TensorFlow '
@@ -424,11 +445,13 @@ class Run:
     checkpoint: `restore() -> bool`, `save(step) -> path`, `step`, `latest`.
     logger: `scalar(name, value)`, `video(name, frames)`, `write(step)`.
     dataset: `() -> iterator` of training batches from the replay.
+    team: None, or with --strategy multi_worker the `distribute.Team` that
+      tells the other workers to take each train step with the chief.
   Steps count environment frames (agent steps x action_repeat).
   """
 
   def __init__(self, config, *, agent, policy, train_envs, eval_env,
-               checkpoint, logger, dataset):
+               checkpoint, logger, dataset, team=None):
     import tools
     self.config = c = config
     self.logdir = pathlib.Path(c.logdir).expanduser()
@@ -441,6 +464,9 @@ class Run:
     self.step = replay.check_episodes(
         self.datadir, c.action_repeat, episode_spec(train_envs), say)
     self.restored = self.checkpoint.restore()
+    self.team = team
+    if team:  # The other workers start from the chief's (restored) weights.
+      team.share_weights(agent.variables())
     # The metrics so far (also those of earlier processes of this run), for
     # the health checks of dreamer_tf.doctor.
     self._history = doctor.read_history(self.logdir)
@@ -462,6 +488,8 @@ class Run:
   def close(self):
     self.train_envs.close()
     self.eval_env.close()
+    if self.team:
+      self.team.stop()
 
   # --- The loop, top to bottom. ---
 
@@ -524,7 +552,10 @@ class Run:
                       'update'):
       self._overall.refresh()  # Keep its elapsed time and estimate current.
       batch = next(dataset)
-      metrics = self.agent.train(batch)
+      if self.team:  # Every worker takes this step with the chief.
+        metrics = self.team.step(self.agent.train, batch)
+      else:
+        metrics = self.agent.train(batch)
       bad = [k for k in FINITE if k in metrics and
              not np.isfinite(float(metrics[k]))]
       if bad:
@@ -548,6 +579,8 @@ class Run:
       self._nan_steps += 1
       self.logger.scalar('nan_steps', self._nan_steps)
       return
+    if self.team:  # The other workers saw the same losses and stopped.
+      self.team.stopped = True
     folder = self.logdir / 'nan'
     folder.mkdir(exist_ok=True)
     path = folder / f'batch-{self.step}.npz'
@@ -624,9 +657,11 @@ class Run:
         say(line)
 
 
-def make_run(config):
+def make_run(config, strategy=None):
   """The real parts of a run: the Dreamer agent and its policy, the
-  environment workers, the checkpoint, the logger and the replay dataset."""
+  environment workers, the checkpoint, the logger and the replay dataset;
+  with a tf.distribute `strategy` (setup_tensorflow), the agent trains with
+  it, and with several workers the chief's Run leads a `distribute.Team`."""
   import tools
   from dreamer_tf import agent as agent_lib
   logdir = pathlib.Path(config.logdir).expanduser()
@@ -635,23 +670,66 @@ def make_run(config):
   eval_env = None
   try:
     eval_env = make_envs(config, train=False)
-    agent = agent_lib.Dreamer(config, train_envs.action_space.shape[0])
+    agent = agent_lib.Dreamer(
+        config, train_envs.action_space.shape[0], strategy=strategy)
   except BaseException:
     train_envs.close()
     if eval_env is not None:
       eval_env.close()
     raise
-  dataset = functools.partial(
-      replay.make_dataset, logdir / 'episodes', config.batch_size,
-      config.batch_length, config.dataset_balance, config.seed,
-      spec=episode_spec(train_envs), capacity=replay.agent_steps(
-          config.replay_size, config.action_repeat))
+  team = None
+  if distribute.workers(strategy) > 1:
+    team = distribute.Team(strategy)
   return Run(
       config, agent=agent, policy=agent_lib.Policy(agent),
       train_envs=train_envs, eval_env=eval_env,
       checkpoint=Checkpointer(agent, logdir, owner=True),
       logger=tools.Logger(logdir),
-      dataset=dataset)
+      dataset=make_dataset(config, episode_spec(train_envs), strategy),
+      team=team)
+
+
+def make_dataset(config, spec, strategy=None):
+  """`() -> tf.data.Dataset` of this worker's training batches: its share
+  of --batch_size (all of it without multi_worker), sampled with a seed of
+  its own, from the newest --replay_size steps of <logdir>/episodes."""
+  index = distribute.worker_index(strategy)
+  return functools.partial(
+      replay.make_dataset,
+      pathlib.Path(config.logdir).expanduser() / 'episodes',
+      config.batch_size // distribute.workers(strategy),
+      config.batch_length, config.dataset_balance, config.seed + index,
+      spec=spec, capacity=replay.agent_steps(
+          config.replay_size, config.action_repeat))
+
+
+def follow(config, strategy):
+  """A worker of --strategy multi_worker other than the chief: takes each
+  train step with the chief, on its share of the batch sampled from the
+  shared <logdir>/episodes, until the chief says the run is over. It writes
+  nothing. Returns the exit status (3 when the losses became non-finite
+  with --on_nan stop, as on the chief)."""
+  from dreamer_tf import agent as agent_lib
+  probe = make_envs(config, train=False)  # Only for the spaces.
+  spec, act_dim = episode_spec(probe), probe.action_space.shape[0]
+  probe.close()
+  agent = agent_lib.Dreamer(config, act_dim, strategy=strategy)
+  team = distribute.Team(strategy)
+  team.share_weights(agent.variables())
+  print(f'Worker {distribute.worker_index(strategy)}: following the chief.')
+  dataset, status = None, 0
+  for _ in team.orders():
+    dataset = dataset or iter(make_dataset(config, spec, strategy)())
+    metrics = agent.train(next(dataset))
+    bad = [k for k in FINITE if not np.isfinite(float(metrics[k]))]
+    if bad and config.on_nan == 'stop':
+      print(f'Stopped: {", ".join(bad)} not finite, as on the chief.')
+      status = 3
+      break
+  print(f'Worker {distribute.worker_index(strategy)}: {agent.updates} '
+        'updates; weights fingerprint '
+        f'{distribute.fingerprint(agent.weights())}.')
+  return status
 
 
 def run_episodes(policy, env, count, config):
@@ -734,7 +812,15 @@ def _raise_interrupt(signum, frame):
 
 def train(config):
   """--mode train: owns the logdir, checks a rerun against the stored
-  config before writing anything, then trains. Returns the exit status."""
+  config before writing anything, then trains. Returns the exit status.
+  The other workers of a multi_worker run only `follow` the chief."""
+  if config.strategy == 'multi_worker' and \
+      distribute.read_tf_config()['task']['index'] != 0:
+    dreamer_tf.quiet_tensorflow()
+    strategy, devices = setup_tensorflow(config, config.strategy)
+    seed_everything(config.seed)
+    print(devices)
+    return follow(config, strategy)
   logdir = pathlib.Path(config.logdir).expanduser()
   if logdir.exists() and not logdir.is_dir():
     raise rundir.LogdirError(f'--logdir {logdir} is a file, not a folder.')
@@ -750,11 +836,11 @@ def train(config):
       print(notice)
     changes = rundir.check_rerun(logdir, config)
     dreamer_tf.quiet_tensorflow()  # The flags are fine: now load TensorFlow.
-    devices = setup_tensorflow(config)
+    strategy, devices = setup_tensorflow(config, config.strategy)
     seed_everything(config.seed)
     print(f'Logdir {logdir}, task {config.task}.')
     print(devices)
-    run = make_run(config)  # Fails on a checkpoint that does not fit.
+    run = make_run(config, strategy)  # Fails on a checkpoint that won't fit.
     rundir.store_config(logdir, config, changes)
     if changes:
       print('Changed since the last start: ' + ', '.join(
@@ -763,6 +849,9 @@ def train(config):
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
       run.train_loop()
+      if run.team:
+        print('Worker 0: weights fingerprint '
+              f'{distribute.fingerprint(run.agent.weights())}.')
     except KeyboardInterrupt:
       # Keep the training since the last save; rerun the command to resume.
       print(f'Interrupted at step {run.step}: saving a checkpoint.')
@@ -841,7 +930,7 @@ def main(argv=None):
   try:
     if config.mode == 'eval':
       dreamer_tf.quiet_tensorflow()
-      print(setup_tensorflow(config))
+      print(setup_tensorflow(config)[1])  # On one device.
       seed_everything(config.seed)
       return evaluate_checkpoint(config)
     status = train(config)

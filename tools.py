@@ -204,14 +204,18 @@ class Optimizer:
     self.variables = list(variables)
     self._lr, self._clip, self._wd = lr, clip, wd
     self._decay = [v for v in self.variables if re.search(wd_pattern, v.path)]
-    self._opt = tf.keras.optimizers.Adam(lr, name=f'{name}_adam')
+    self._opt = _Adam(lr, name=f'{name}_adam')
     self._opt.build(self.variables)
+    # Every replica computes the same update from the all-reduced gradients,
+    # so the first replica's value is everyone's.
+    once = tf.VariableAggregation.ONLY_FIRST_REPLICA
     self.loss_scale = tf.Variable(
         2.0 ** 15 if loss_scale else 1.0, trainable=False, dtype=tf.float32,
-        name=f'{name}_loss_scale')
+        name=f'{name}_loss_scale', aggregation=once)
     self._dynamic = loss_scale
     self._good_steps = tf.Variable(
-        0, trainable=False, dtype=tf.int64, name=f'{name}_good_steps')
+        0, trainable=False, dtype=tf.int64, name=f'{name}_good_steps',
+        aggregation=once)
 
   @property
   def iterations(self):
@@ -223,16 +227,32 @@ class Optimizer:
         adam=self._opt, loss_scale=self.loss_scale,
         good_steps=self._good_steps)
 
+  def state(self):
+    """Every variable the optimizer holds (Adam's, the loss scale's)."""
+    return list(self._opt.variables) + [self.loss_scale, self._good_steps]
+
   def gradients(self, tape, loss):
-    """Unscaled gradients of `loss`, taken from a scaled backward pass."""
+    """Unscaled gradients of `loss`, taken from a scaled backward pass.
+
+    Under a tf.distribute strategy with R replicas in sync, `loss` is this
+    replica's loss on its share of the global batch (a mean over the share)
+    and the gradient returned is the sum over replicas of the gradients of
+    `loss / R`: the gradient of the mean over the global batch, the same on
+    every replica (docs/design.md section 10)."""
     if loss.shape.ndims != 0:
       raise ValueError(f'{self.name} loss must be a scalar, got {loss.shape}.')
     scale = self.loss_scale.read_value() if self._dynamic else None
-    grads = tape.gradient(loss, self.variables, output_gradients=scale)
+    seed, replicas = scale, num_replicas()
+    if replicas > 1:
+      seed = (1.0 if scale is None else scale) / replicas
+    grads = tape.gradient(loss, self.variables, output_gradients=seed)
     missing = [v.path for v, g in zip(self.variables, grads) if g is None]
     if missing:
       raise ValueError(f'The {self.name} loss does not reach: {missing}.')
     grads = [tf.cast(g, tf.float32) for g in grads]
+    if replicas > 1:
+      grads = tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, grads)
     if self._dynamic:
       grads = [g / scale for g in grads]
     return grads
@@ -243,15 +263,35 @@ class Optimizer:
     finite = tf.math.is_finite(norm)
     if self._clip:
       grads, _ = tf.clip_by_global_norm(grads, self._clip, use_norm=norm)
-    tf.cond(finite, lambda: self._apply(grads), tf.no_op)
+    self._apply_if(finite, grads)
     if self._dynamic:
       self._update_scale(finite)
     return norm
 
+  def _apply_if(self, finite, grads):
+    """Applies `grads` when `finite`. Under a tf.distribute strategy the
+    condition is taken in the cross-replica context, as Keras's loss-scale
+    optimizer does: a strategy cannot synchronise replicas (as Adam's update
+    of mirrored variables does) inside a branch of a replica's tf.cond."""
+    if not tf.distribute.has_strategy():
+      tf.cond(finite, lambda: self._apply(grads), tf.no_op)
+      return
+    def cross_replica(strategy, finite, grads):
+      finite = strategy.experimental_local_results(finite)[0]
+      def apply():
+        strategy.extended.call_for_each_replica(self._apply, args=(grads,))
+      tf.cond(finite, apply, lambda: None)
+    tf.distribute.get_replica_context().merge_call(
+        cross_replica, args=(finite, grads))
+
   def _apply(self, grads):
     if self._wd:
-      for var in self._decay:
-        var.assign_sub(self._lr * self._wd * var)
+      # Through merge_call: mirrored variables change in the cross-replica
+      # context (without a strategy, this is a plain assign).
+      decay = lambda var: var.assign_sub(self._lr * self._wd * var)
+      tf.distribute.get_replica_context().merge_call(
+          lambda strategy: [strategy.extended.update(var, decay)
+                            for var in self._decay])
     self._opt.apply(grads, self.variables)
     return tf.no_op()
 
@@ -265,6 +305,37 @@ class Optimizer:
     self._good_steps.assign(
         tf.where(finite & ~grow, self._good_steps + 1,
                  tf.constant(0, tf.int64)))
+
+
+class _Adam(tf.keras.optimizers.Adam):
+  """Keras's Adam, minus its own all-reduce of the gradients under a
+  tf.distribute strategy: `Optimizer.gradients` sums them across replicas
+  already, before the global norm and the clipping, which must see the
+  summed gradient (tests/test_distribute.py fails if Keras sums again)."""
+
+  def _all_reduce_sum_gradients(self, grads_and_vars):
+    return list(grads_and_vars)
+
+
+def num_replicas():
+  """Replicas in sync in the current tf.distribute replica context; 1
+  outside of one (the default strategy)."""
+  context = tf.distribute.get_replica_context()
+  return context.num_replicas_in_sync if context is not None else 1
+
+
+def global_mean(x):
+  """The mean of the scalar `x` over all replicas in sync, with the
+  gradient of this replica's `x`: its value is what a single device would
+  compute on the global batch, and with the 1 / R loss scaling and the sum
+  of gradients across replicas (`Optimizer.gradients`) its gradient is too.
+  `x` itself when there is one replica."""
+  replicas = num_replicas()
+  if replicas == 1:
+    return x
+  total = tf.distribute.get_replica_context().all_reduce(
+      tf.distribute.ReduceOp.SUM, tf.stop_gradient(x))
+  return x + tf.stop_gradient(total / replicas - x)
 
 
 # ----------------------------------------------------------------------------

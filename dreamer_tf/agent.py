@@ -1,11 +1,13 @@
 """The Dreamer agent: world model, actor and value, the train step and the
 policy (docs/design.md sections 4 and 5). The run loop lives in dreamer.py."""
 
+import contextlib
+
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tools
-from dreamer_tf import doctor, networks
+from dreamer_tf import distribute, doctor, networks
 from dreamer_tf.rssm import RSSM
 
 tfd = tfp.distributions
@@ -54,7 +56,8 @@ def free_nats_kl(post_dist, prior_dist, free_nats, balance=0.0):
     div = balance * prior_side + (1.0 - balance) * post_side
   else:
     div = tf.reduce_mean(tfd.kl_divergence(post_dist, prior_dist))
-  return tf.maximum(div, free_nats)
+  # Over several replicas, the floor applies to the global batch's mean.
+  return tf.maximum(tools.global_mean(div), free_nats)
 
 
 def _stopped(dist):
@@ -79,9 +82,20 @@ class Dreamer:
   are dicts of [B, T, ...] tensors: image uint8 [B, T, 64, 64, 3], action
   float32 [B, T, A], reward and discount float32 [B, T].
   `policy` is a dtype policy name or precision (see `dtype_policy`).
+  `strategy`: a tf.distribute strategy to create the variables in and to
+  train with (dreamer_tf/distribute.py); None trains on one device.
   """
 
-  def __init__(self, config, act_dim, image_shape=(64, 64, 3), policy=None):
+  def __init__(self, config, act_dim, image_shape=(64, 64, 3), policy=None,
+               strategy=None):
+    self.strategy = strategy
+    with strategy.scope() if strategy else contextlib.nullcontext():
+      self._create(config, act_dim, image_shape, policy)
+    self.train = tf.function(self._train) if strategy is None else (
+        distribute.Trainer(strategy, self._train))
+    self.open_loop = tf.function(lambda data: open_loop(self, data))
+
+  def _create(self, config, act_dim, image_shape, policy):
     self.config = c = config
     self.policy = dtype_policy(c.precision if policy is None else policy)
     self.act_dim = act_dim
@@ -112,15 +126,16 @@ class Dreamer:
     self.value_opt = opt('value', [self.value], c.value_lr)
     # Steps of this process and those with a non-finite gradient (skipped);
     # not checkpointed: skip_frac is the share since the process started.
-    self._steps = tf.Variable(0.0, trainable=False, name='steps')
-    self._skipped = tf.Variable(0.0, trainable=False, name='skipped')
-    self.train = tf.function(self._train)
-    self.open_loop = tf.function(lambda data: open_loop(self, data))
+    once = tf.VariableAggregation.ONLY_FIRST_REPLICA
+    self._steps = tf.Variable(
+        0.0, trainable=False, name='steps', aggregation=once)
+    self._skipped = tf.Variable(
+        0.0, trainable=False, name='skipped', aggregation=once)
 
   @property
   def updates(self):
     """Updates made so far (the model optimizer's step count)."""
-    return int(self.model_opt.iterations)
+    return int(self.model_opt.iterations.numpy())
 
   def _build(self, image_shape):
     """Creates every variable by calling each module once on zeros."""
@@ -143,6 +158,19 @@ class Dreamer:
         items[f'{opt.name}_opt_{key}'] = value
     return items
 
+  def variables(self):
+    """Every variable of the checkpoint: weights and optimizer states."""
+    items = self.checkpoint_items()
+    modules = [m for k, m in items.items() if '_opt_' not in k]
+    optimizers = (self.model_opt, self.actor_opt, self.value_opt)
+    return ([v for m in modules for v in m.variables] +
+            [v for o in optimizers for v in o.state()])
+
+  def weights(self):
+    """The trainable weights of every module."""
+    return [v for p in self.model_parts + [self.actor, self.value]
+            for v in p.trainable_variables]
+
   def param_counts(self):
     count = networks.count_params
     return dict(model=sum(count(p) for p in self.model_parts),
@@ -156,12 +184,21 @@ class Dreamer:
       data['reward'] = tf.tanh(data['reward'])
     return data
 
-  def _train(self, data):
-    """One update of model, actor and value on a batch; returns metrics."""
+  def _train(self, data, noise=None):
+    """One update of model, actor and value on a batch; returns metrics.
+
+    `noise` (tests): None to draw the random numbers inside, or a dict of
+    standard normals for the batch, split with it across replicas: prior
+    and post [B, T, stoch] (the RSSM's samples while observing), actor [B,
+    T, H, A] and imag [B, T, H, stoch] (the imagined actions, tanh_normal
+    only, and states)."""
     data = self.preprocess(data)
+    eps = (None, None) if noise is None else (
+        (noise['prior'], noise['post']), (noise['actor'], noise['imag']))
     with tf.GradientTape(persistent=True) as tape:
-      model_loss, post, metrics = self.world_model_loss(data)
-      imag_feat, imag_action = self.imagine_ahead(post, return_actions=True)
+      model_loss, post, metrics = self.world_model_loss(data, eps=eps[0])
+      imag_feat, imag_action = self.imagine_ahead(
+          post, return_actions=True, eps=eps[1])
       actor_loss, value_loss = self.behavior_losses(imag_feat, metrics)
     metrics['model_grad_norm'] = self.model_opt.step(tape, model_loss)
     metrics['actor_grad_norm'] = self.actor_opt.step(tape, actor_loss)
@@ -219,23 +256,32 @@ class Dreamer:
         post_ent=tf.reduce_mean(post_dist.entropy()))
     return model_loss, post, metrics
 
-  def imagine_ahead(self, post, return_actions=False):
+  def imagine_ahead(self, post, return_actions=False, eps=None):
     """Steps 5-6: from every posterior state (all but the last step when
     pcont is on), roll the prior `horizon` steps with the actor's sampled
     actions. Returns the features after each step, [H, B*T, F], and with
-    `return_actions` also the actions that led there, [H, B*T, A]."""
+    `return_actions` also the actions that led there, [H, B*T, A]. `eps`:
+    None, or standard-normal noise for the actor and the states, [B, T, H,
+    A] and [B, T, H, stoch]."""
     if self.pcont is not None:
       post = {k: v[:, :-1] for k, v in post.items()}
+      eps = None if eps is None else [e[:, :-1] for e in eps]
     flatten = lambda x: tf.reshape(x, [-1] + x.shape[2:].as_list())
     start = {k: flatten(tf.stop_gradient(v)) for k, v in post.items()}
     start['action'] = tf.zeros(
         [tf.shape(start['deter'])[0], self.act_dim], tf.float32)
-    def step(prev, _):
+    def step(prev, noise):
       feat = tf.stop_gradient(self.dynamics.get_feat(prev))
-      action = self.actor(feat).sample()
-      state = self.dynamics.img_step(prev, action)
+      if eps is None:
+        action = self.actor(feat).sample()
+        state = self.dynamics.img_step(prev, action)
+      else:
+        action = self.actor.sample_from(feat, noise[0])
+        state = self.dynamics.img_step(prev, action, noise[1])
       return dict(state, action=tf.cast(action, tf.float32))
-    states = tools.static_scan(step, tf.range(self.config.horizon), start)
+    inputs = tf.range(self.config.horizon) if eps is None else [
+        tf.transpose(flatten(e), [1, 0, 2]) for e in eps]  # [H, B*T, ...]
+    states = tools.static_scan(step, inputs, start)
     feat = self.dynamics.get_feat(states)
     return (feat, states['action']) if return_actions else feat
 

@@ -195,6 +195,15 @@ class ActionDecoder(MLP):
     std = tf.nn.softplus(std + self._raw_init_std) + self._min_std
     return mean, std
 
+  def sample_from(self, features, eps):
+    """The sample of `call(features)` for standard-normal noise `eps`
+    [..., size]: tanh(loc + scale * eps), with the same gradient
+    (tanh_normal only; for tests that fix the random draws)."""
+    if self._dist != 'tanh_normal':
+      raise ValueError('sample_from needs the tanh_normal actor.')
+    mean, std = self.loc_scale(features)
+    return tf.tanh(mean + std * tf.cast(eps, mean.dtype))
+
   def call(self, features):
     if self._dist == 'onehot':
       return tools.OneHotDist(super().call(features))

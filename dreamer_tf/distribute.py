@@ -1,0 +1,291 @@
+"""Training on several devices and hosts with tf.distribute
+(docs/design.md section 10).
+
+--strategy default trains on one device with no strategy at all: the code
+path of the reference's single-device numbers. mirrored is
+tf.distribute.MirroredStrategy over the visible GPUs (or --devices);
+multi_worker is tf.distribute.MultiWorkerMirroredStrategy over the hosts of
+the TF_CONFIG variable. In both, each replica takes an equal share of the
+global batch (--batch_size), the gradients are summed across replicas before
+clipping (tools.Optimizer), and every replica applies the same update.
+
+With multi_worker, worker 0 (the chief) collects, evaluates, logs and saves;
+the other workers only train. They read the chief's episodes from the shared
+--logdir and sample their own share of each batch. The chief tells them when
+to train and when to stop through a collective (`Team`), and gives them its
+weights after a resume.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+
+import numpy as np
+
+# TensorFlow is imported where it is used: dreamer.check_config reads the
+# flags with parse_devices and read_tf_config before TensorFlow loads.
+
+STRATEGIES = ('default', 'mirrored', 'multi_worker')
+DEVICE = re.compile(r'^(CPU|GPU):(\d+)$', re.IGNORECASE)
+
+
+def parse_devices(devices):
+  """'GPU:0,GPU:1' -> [('GPU', 0), ('GPU', 1)]; ValueError naming a bad
+  entry. Needs no TensorFlow (dreamer.check_config uses it)."""
+  parsed = []
+  for name in (d.strip() for d in devices.split(',') if d.strip()):
+    match = DEVICE.match(name)
+    if not match:
+      raise ValueError(
+          f'--devices {devices!r}: {name!r} is not a device; name them as '
+          'GPU:0,GPU:1 (or CPU:0,CPU:1 to split the CPU into logical '
+          'devices).')
+    parsed.append((match.group(1).upper(), int(match.group(2))))
+  if len(set(parsed)) != len(parsed):
+    raise ValueError(f'--devices {devices!r} names a device twice.')
+  return parsed
+
+
+def read_tf_config():
+  """The TF_CONFIG variable as a dict: cluster.worker (host:port list) and
+  task.index. ValueError with the fix when it is missing or malformed."""
+  text = os.environ.get('TF_CONFIG')
+  example = ('e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", '
+             '"host2:12345"]}, "task": {"type": "worker", "index": 0}}\'')
+  if not text:
+    raise ValueError('--strategy multi_worker needs the TF_CONFIG variable '
+                     f'on every host ({example}; README, "GPUs").')
+  try:
+    tf_config = json.loads(text)
+    workers = tf_config['cluster']['worker']
+    task = tf_config['task']
+    index = int(task['index'])
+  except (ValueError, KeyError, TypeError) as error:
+    raise ValueError(f'TF_CONFIG cannot be read ({type(error).__name__}: '
+                     f'{error}); {example}.') from None
+  if set(tf_config['cluster']) != {'worker'} or task.get('type') != 'worker':
+    raise ValueError('TF_CONFIG: list every host under cluster.worker and '
+                     'give each the task type "worker" (worker 0 is the '
+                     f'chief); {example}.')
+  if not 0 <= index < len(workers):
+    raise ValueError(f'TF_CONFIG: task index {index} is not one of the '
+                     f'{len(workers)} workers.')
+  return tf_config
+
+
+def make_strategy(name, devices=''):
+  """None for 'default', else the tf.distribute strategy. Call before any
+  other TensorFlow work: splitting the CPU into logical devices (--devices
+  CPU:0,CPU:1) and MultiWorkerMirroredStrategy must come first."""
+  import tensorflow as tf
+  if name == 'default':
+    return None
+  if name == 'multi_worker':
+    read_tf_config()
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  wanted = parse_devices(devices)
+  if not wanted:
+    gpus = tf.config.list_logical_devices('GPU')
+    wanted = [('GPU', i) for i in range(len(gpus))] or [('CPU', 0)]
+  cpus = 1 + max([i for kind, i in wanted if kind == 'CPU'], default=0)
+  if cpus > 1:
+    physical = tf.config.list_physical_devices('CPU')[0]
+    tf.config.set_logical_device_configuration(
+        physical, [tf.config.LogicalDeviceConfiguration()] * cpus)
+  seen = {kind: len(tf.config.list_logical_devices(kind))
+          for kind in ('CPU', 'GPU')}
+  for kind, index in wanted:
+    if index >= seen[kind]:
+      raise ValueError(f'--devices names {kind}:{index}, but TensorFlow sees '
+                       f'{seen[kind]} {kind} device(s).')
+  return tf.distribute.MirroredStrategy(
+      [f'/device:{kind}:{index}' for kind, index in wanted])
+
+
+def describe(strategy, batch_size):
+  """Where training runs, for the start-up line, e.g. 'GPU:0, GPU:1
+  (mirrored: 2 replicas, 25 sequences each)'."""
+  names = ', '.join(d.split('device:')[-1]
+                    for d in strategy.extended.worker_devices)
+  count = workers(strategy)
+  kind = 'mirrored'
+  if count > 1:
+    names += f' on each of {count} workers, this is worker ' \
+             f'{worker_index(strategy)}'
+    kind = 'multi_worker'
+  share = batch_size // replicas(strategy)
+  return (f'{names} ({kind}: {replicas(strategy)} replicas, {share} '
+          'sequences each)')
+
+
+def workers(strategy):
+  """Worker processes taking part (1 without multi_worker)."""
+  if strategy is None:
+    return 1
+  return strategy.num_replicas_in_sync // len(strategy.extended.worker_devices)
+
+
+def worker_index(strategy):
+  if workers(strategy) == 1:
+    return 0
+  return int(strategy.cluster_resolver.task_id)
+
+
+def is_chief(strategy):
+  """True on the one process that collects, logs and saves."""
+  return worker_index(strategy) == 0
+
+
+def replicas(strategy):
+  """Replicas in sync: devices over all workers (1 without a strategy)."""
+  return 1 if strategy is None else strategy.num_replicas_in_sync
+
+
+def check_batch(replicas, batch_size):
+  """ValueError unless each of `replicas` gets the same share of the
+  batch."""
+  if batch_size % replicas:
+    raise ValueError(
+        f'--batch_size {batch_size} does not split evenly over {replicas} '
+        f'replicas: use a multiple of {replicas}, e.g. '
+        f'{batch_size - batch_size % replicas or replicas}.')
+
+
+class Trainer:
+  """Runs a train step `step(data[, noise]) -> {name: scalar}` on every
+  replica of `strategy`. Called with this worker's share of the global batch
+  (dicts of [B_w, ...] tensors), it gives each local replica a contiguous
+  equal slice, and returns the metrics averaged over all replicas."""
+
+  def __init__(self, strategy, step):
+    import tensorflow as tf
+    self._strategy, self._step = strategy, step
+    self._local = len(strategy.extended.worker_devices)
+    self._run = tf.function(self._run_replicas)
+
+  def __call__(self, data, noise=None):
+    import tensorflow as tf
+    inputs = (data,) if noise is None else (data, noise)
+    flat = tf.nest.flatten(inputs)
+    if flat[0].shape[0] % self._local:
+      raise ValueError(f'A batch of {flat[0].shape[0]} does not split over '
+                       f'{self._local} devices.')
+    parts = [tf.split(x, self._local) for x in flat]
+    def value(context):
+      index = context.replica_id_in_sync_group % self._local
+      return tf.nest.pack_sequence_as(inputs, [p[index] for p in parts])
+    values = self._strategy.experimental_distribute_values_from_function(
+        value)
+    return self._run(values)
+
+  def _run_replicas(self, inputs):
+    import tensorflow as tf
+    metrics = self._strategy.run(self._step, args=inputs)
+    mean = tf.distribute.ReduceOp.MEAN
+    return {k: self._strategy.reduce(mean, v, axis=None)
+            for k, v in metrics.items()}
+
+
+class Team:
+  """The workers of a multi_worker run taking train steps together. The
+  chief orders each step through a collective (`step`) and the end
+  (`stop`); the other workers wait for its orders (`orders`). Collectives
+  must be called by every worker in the same order, so the chief holds
+  Ctrl-C and SIGTERM while it orders and takes a step, and never orders the
+  end after a step that failed halfway (the others wait inside it then)."""
+
+  STOP, STEP = -1, 1
+
+  def __init__(self, strategy):
+    import tensorflow as tf
+    self._strategy = strategy
+    self._order = tf.function(self._replica_order)
+    self.stopped = False  # No more orders: sent STOP, or all stopped on NaN.
+    self._halfway = False
+
+  def _replica_order(self, value):
+    import tensorflow as tf
+    def fn():
+      context = tf.distribute.get_replica_context()
+      mine = tf.where(context.replica_id_in_sync_group == 0, value, 0)
+      return context.all_reduce(tf.distribute.ReduceOp.SUM, mine)
+    result = self._strategy.run(fn)
+    return self._strategy.experimental_local_results(result)[0]
+
+  def _exchange(self, order=0):
+    import tensorflow as tf
+    return int(self._order(tf.constant(order, tf.int64)))
+
+  def step(self, train, batch):
+    """Chief: orders a step and takes it, `train(batch)`."""
+    with _signals_held():
+      self._halfway = True
+      self._exchange(self.STEP)
+      metrics = train(batch)
+      self._halfway = False
+    return metrics
+
+  def stop(self):
+    """Chief: orders the end (once)."""
+    if self.stopped:
+      return
+    self.stopped = True
+    if self._halfway:
+      print('Warning: a train step failed halfway; the other workers may '
+            'wait inside it: stop them.', file=sys.stderr)
+      return
+    self._exchange(self.STOP)
+
+  def orders(self):
+    """The other workers: yields once per step the chief takes, until it
+    orders the end."""
+    while self._exchange() == self.STEP:
+      yield
+
+  def share_weights(self, variables):
+    """Every worker's `variables` take the chief's values (all call it)."""
+    import tensorflow as tf
+    variables = list(variables)
+    def fn():
+      context = tf.distribute.get_replica_context()
+      first = context.replica_id_in_sync_group == 0
+      values = [tf.where(first, tf.cast(v, tf.float64), 0.0)
+                for v in variables]
+      return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
+    results = self._strategy.run(tf.function(fn))
+    local = self._strategy.experimental_local_results
+    for var, value in zip(variables, results):
+      var.assign(tf.cast(local(value)[0], var.dtype))
+
+
+@contextlib.contextmanager
+def _signals_held():
+  """Ctrl-C and SIGTERM wait until the block is done (main thread only)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  hold = lambda signum, frame: received.append(signum)
+  previous = {s: signal.signal(s, hold)
+              for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+    if received:
+      raise KeyboardInterrupt
+
+
+def fingerprint(variables):
+  """A short hash of the variables' values: equal on every worker that
+  holds the same weights, bit for bit."""
+  digest = hashlib.sha256()
+  for var in variables:
+    digest.update(np.asarray(var).tobytes())
+  return digest.hexdigest()[:16]
