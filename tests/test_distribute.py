@@ -1,0 +1,218 @@
+"""Training on several devices and workers (--strategy), and collection in
+several environment processes, all on the CPU."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import dreamer
+from dreamer_tf import distribute
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ('--task', 'dmc_cartpole_balance', '--preset', 'debug')
+QUIET = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+
+
+def mirrored_step(tmp_path, policy, free_nats):
+  out = tmp_path / f'{policy}-{free_nats}.npz'
+  result = subprocess.run(
+      [sys.executable, 'tests/mirrored_step.py', str(out), policy,
+       str(free_nats)], cwd=ROOT, capture_output=True, text=True,
+      timeout=600, env=QUIET)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(out) as results:
+    return dict(results)
+
+
+def assert_same_update(results, rtol, atol=1e-6):
+  assert int(results['replicas']) == 2
+  names = sorted(k.split('/')[1] for k in results if k.startswith('single/'))
+  assert sum(n.startswith('weight') for n in names) > 40
+  for name in names:
+    np.testing.assert_allclose(
+        results[f'mirrored/{name}'], results[f'single/{name}'], rtol=rtol,
+        atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize('free_nats', ['0', 'straddle'])
+def test_mirrored_step_equals_the_single_device_step(tmp_path, free_nats):
+  # Same weights, global batch and random draws (standard normals passed in
+  # with the batch on axis 0, so each replica takes its sequences' draws):
+  # the mirrored update over 2 logical CPUs must equal the one-device update.
+  results = mirrored_step(tmp_path, 'float32', free_nats)
+  if free_nats == 'straddle':
+    # The floor lies between the halves' mean KLs and below their mean: a
+    # floor on each replica's own mean would drop one half's KL gradient.
+    low, high = sorted(results['kls'])
+    assert low < results['free_nats'] < (low + high) / 2
+    assert results['single/div'] > results['free_nats']
+  assert_same_update(results, rtol=1e-4)
+  assert results['single/updates'] == results['mirrored/updates'] == 1
+
+
+def test_mirrored_step_with_float16_loss_scaling(tmp_path):
+  # The GPU path: mixed_float16 with loss scaling, forced on the CPU.
+  results = mirrored_step(tmp_path, 'mixed_float16', '0')
+  assert np.isfinite(results['single/model_grad_norm'])
+  assert results['single/loss_scale'] == results['mirrored/loss_scale'] == 16
+  # Adam's first step moves each weight by about the learning rate (6e-4
+  # for the model); float16 gradients of another summation order may move
+  # a weight with a tiny gradient differently by a fraction of that.
+  assert_same_update(results, rtol=1e-2, atol=1e-4)
+
+
+def free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(('127.0.0.1', 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def start_workers(logdir, *flags):
+  hosts = [f'127.0.0.1:{port}' for port in free_ports(2)]
+  processes = []
+  for index in range(2):
+    tf_config = dict(cluster=dict(worker=hosts),
+                     task=dict(type='worker', index=index))
+    processes.append(subprocess.Popen(
+        [sys.executable, 'dreamer.py', '--logdir', str(logdir), *TINY,
+         '--strategy', 'multi_worker', *map(str, flags)], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(QUIET, TF_CONFIG=json.dumps(tf_config))))
+  return processes
+
+
+def listing(folder):
+  return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in folder.rglob('*') if p.is_file()}
+
+
+def fingerprint(stdout):
+  lines = [line for line in stdout.splitlines() if 'fingerprint' in line]
+  assert len(lines) == 1, stdout[-2000:]
+  return lines[0].split('fingerprint ')[1].rstrip('.')
+
+
+def test_multi_worker_trains_on_two_local_workers_and_resumes(tmp_path):
+  logdir = tmp_path / 'run'
+  for steps, updates in ((1500, 4), (2500, 8)):
+    chief, worker = start_workers(logdir, '--steps', steps)
+    chief_out, chief_err = chief.communicate(timeout=600)
+    assert chief.returncode == 0, chief_err[-3000:]
+    after_chief = listing(logdir)
+    worker_out, worker_err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, worker_err[-3000:]
+    assert 'on each of 2 workers, this is worker 0 (multi_worker: 2 ' \
+        'replicas, 2 sequences each)' in chief_out
+    assert f'Done: {steps} environment steps.' in chief_out
+    # Both hold the same weights, bit for bit, after the same updates (the
+    # worker's count includes those restored from the chief's checkpoint).
+    assert f'Worker 1: {updates} updates' in worker_out, worker_out
+    assert fingerprint(chief_out) == fingerprint(worker_out)
+    # Only the chief wrote: nothing changed after it stopped, and every
+    # TensorBoard file is one of the chief's processes'.
+    assert listing(logdir) == after_chief
+  events = sorted(p.name for p in logdir.glob('events.out.tfevents.*'))
+  assert len(events) == 2          # One per chief process.
+  assert 'Resumed from' in chief_out
+  import tensorflow as tf
+  reader = tf.train.load_checkpoint(str(logdir / 'checkpoints'))
+  key = [k for k in reader.get_variable_to_shape_map()
+         if k.startswith('model_opt_adam/') and 'iteration' in k][0]
+  assert int(reader.get_tensor(key)) == 8
+
+
+def children(pid):
+  """Pids of the live processes whose parent is `pid`."""
+  found = []
+  for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = stat.read_text().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid and fields[0] != 'Z':
+      found.append(int(stat.parent.name))
+  return found
+
+
+def alive(pid):
+  try:
+    state = pathlib.Path(f'/proc/{pid}/stat').read_text()
+  except OSError:
+    return False
+  return state.rsplit(')', 1)[1].split()[0] != 'Z'
+
+
+def test_three_environment_processes_end_to_end(tmp_path):
+  # 3 envs x 100 agent steps x repeat 2: each round of episodes is 600
+  # steps; prefill one round, train during the second.
+  process = subprocess.Popen(
+      [sys.executable, 'dreamer.py', '--logdir', str(tmp_path), *TINY,
+       '--envs', '3', '--parallel', 'process', '--prefill', '600',
+       '--steps', '1200', '--train_every', '600', '--eval_every', '1200'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=QUIET)
+  seen = set()
+  while process.poll() is None:
+    seen.update(children(process.pid))
+    time.sleep(0.2)
+  stdout, stderr = process.communicate()
+  assert process.returncode == 0, stderr[-3000:]
+  # 3 training workers and the evaluation worker (and possibly the
+  # resource tracker of multiprocessing) ran as children.
+  assert len(seen) >= 4, seen
+  assert not [pid for pid in seen if alive(pid)]
+  paths = sorted(tmp_path.glob('episodes/*.npz'))
+  assert len(paths) == 6
+  lengths = []
+  first_frames = []
+  for path in paths:
+    with np.load(path) as episode:
+      lengths.append(len(episode['reward']) - 1)
+      first_frames.append(episode['image'][0].tobytes())
+  assert sum(lengths) * 2 == 1200        # The step count adds up.
+  assert 'Done: 1200 environment steps.' in stdout
+  # Three environments with their own seeds: the first round's episodes
+  # start from three different states.
+  assert len(set(first_frames[:3])) == 3
+
+
+@pytest.mark.parametrize('flags,env,message', [
+    (['--devices', 'GPU:x'], {}, "'GPU:x' is not a device"),
+    (['--devices', 'CPU:0,CPU:1'], {}, 'is for --strategy mirrored'),
+    (['--strategy', 'mirrored', '--devices', 'CPU:0,CPU:1,CPU:2'], {},
+     'does not split evenly over 3 replicas: use a multiple of 3, e.g. 48'),
+    (['--strategy', 'multi_worker'], {}, 'needs the TF_CONFIG variable'),
+    (['--strategy', 'multi_worker'], {'TF_CONFIG': '{"cluster": 1}'},
+     'TF_CONFIG cannot be read'),
+    (['--strategy', 'multi_worker'], {'TF_CONFIG': json.dumps(dict(
+        cluster=dict(worker=['a:1']), task=dict(type='worker', index=3)))},
+     'task index 3 is not one of the 1 workers'),
+    (['--strategy', 'several'], {}, '--strategy'),
+])
+def test_strategy_flags_are_checked_before_anything_starts(
+    tmp_path, monkeypatch, flags, env, message):
+  monkeypatch.delenv('TF_CONFIG', raising=False)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  config = dreamer.parse_args(['--logdir', str(tmp_path / 'run'), *flags])
+  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(
+      ')', r'\)')):
+    dreamer.check_config(config)
+
+
+def test_parse_devices():
+  assert distribute.parse_devices('gpu:0, GPU:1') == [('GPU', 0), ('GPU', 1)]
+  assert distribute.parse_devices('') == []
+  with pytest.raises(ValueError, match='twice'):
+    distribute.parse_devices('CPU:0,cpu:0')
