@@ -717,15 +717,26 @@ def follow(config, strategy):
   team = distribute.Team(strategy)
   team.share_weights(agent.variables())
   print(f'Worker {distribute.worker_index(strategy)}: following the chief.')
+  import tensorflow as tf
   dataset, status = None, 0
-  for _ in team.orders():
-    dataset = dataset or iter(make_dataset(config, spec, strategy)())
-    metrics = agent.train(next(dataset))
-    bad = [k for k in FINITE if not np.isfinite(float(metrics[k]))]
-    if bad and config.on_nan == 'stop':
-      print(f'Stopped: {", ".join(bad)} not finite, as on the chief.')
-      status = 3
-      break
+  try:
+    for _ in team.orders():
+      dataset = dataset or iter(make_dataset(config, spec, strategy)())
+      metrics = agent.train(next(dataset))
+      bad = [k for k in FINITE if not np.isfinite(float(metrics[k]))]
+      if bad and config.on_nan == 'stop':
+        print(f'Stopped: {", ".join(bad)} not finite, as on the chief.')
+        status = 3
+        break
+  except tf.errors.UnavailableError as error:
+    found = re.search(r'aborted by: (.+)|grpc_message:"([^"]+)"',
+                      error.message)
+    reason = next((g for g in found.groups() if g), '') if found else ''
+    reason = reason.strip()[:200] or type(error).__name__
+    print(f'dreamer.py: error: lost the other workers ({reason}). Start '
+          'every worker again to resume from the chief\'s last checkpoint.',
+          file=sys.stderr)
+    return 1
   print(f'Worker {distribute.worker_index(strategy)}: {agent.updates} '
         'updates; weights fingerprint '
         f'{distribute.fingerprint(agent.weights())}.')

@@ -2,6 +2,8 @@
 
   python -m dreamer_tf.bench [--batch_size 50] [--batch_length 50] [--steps 5]
                              [--precision both|32|16] [--json]
+                             [--strategy default,mirrored --devices CPU:0,CPU:1
+                              --rounds 2]
   python -m dreamer_tf.bench --collect [--task dmc_walker_walk] [--envs 1]
                              [--parallel none] [--agent_steps 300]
 
@@ -10,7 +12,10 @@ action dims, no pcont) and prints a table: parameter counts, time to the end
 of the first train step (tracing included), median seconds per train step
 after one more warm-up step, and peak resident memory. Each precision runs in
 its own subprocess so that one's memory does not inflate the other's. With
---json the last line is one JSON object.
+--json the last line is one JSON object. --strategy takes a comma-separated
+list (default, mirrored; --devices as in dreamer.py): each precision runs
+under each strategy, alternating, --rounds times, so that two variants are
+compared in the same run.
 
 --collect measures environment steps per second instead: with uniformly
 random actions (the prefill) and with the untrained policy at the default
@@ -31,12 +36,15 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 ACT_DIM = 6
 
 
-def measure(precision, batch_size, batch_length, steps):
+def measure(precision, batch_size, batch_length, steps, strategy='default',
+            devices=''):
   """Runs in the child process: returns the row for one precision."""
   import numpy as np
 
   import dreamer_tf
+  from dreamer_tf import distribute
   dreamer_tf.quiet_tensorflow()
+  strategy_object = distribute.make_strategy(strategy, devices)
   import tensorflow as tf
 
   import dreamer
@@ -44,7 +52,7 @@ def measure(precision, batch_size, batch_length, steps):
 
   config = dreamer.define_config()
   config.precision = precision
-  agent = Dreamer(config, ACT_DIM)
+  agent = Dreamer(config, ACT_DIM, strategy=strategy_object)
   rng = np.random.default_rng(0)
   shape = (batch_size, batch_length)
   data = dict(
@@ -63,7 +71,9 @@ def measure(precision, batch_size, batch_length, steps):
     times.append(time.perf_counter() - start)
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return dict(
-      precision=precision, policy=agent.policy, first_step_s=round(first, 2),
+      precision=precision, policy=agent.policy, strategy=strategy,
+      replicas=distribute.replicas(strategy_object),
+      first_step_s=round(first, 2),
       step_s_median=round(float(np.median(times)), 3),
       step_s_all=[round(t, 3) for t in times], peak_rss_mb=round(peak_mb),
       params=agent.param_counts())
@@ -180,11 +190,12 @@ def replay_child(folder, bound):
   return dict(replay_size=bound, episodes=held, peak_rss_mb=round(peak_mb))
 
 
-def run_child(precision, args):
+def run_child(precision, args, strategy='default'):
   command = [sys.executable, '-m', 'dreamer_tf.bench', '--child',
              str(precision),
              '--batch_size', str(args.batch_size), '--batch_length',
-             str(args.batch_length), '--steps', str(args.steps)]
+             str(args.batch_length), '--steps', str(args.steps),
+             '--strategy', strategy, '--devices', args.devices]
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode != 0:
     sys.exit(f'bench: precision {precision} failed:\n{result.stderr[-2000:]}')
@@ -199,6 +210,12 @@ def main(argv=None):
   parser.add_argument('--precision', choices=['32', '16', 'both'],
                       default='both')
   parser.add_argument('--json', action='store_true')
+  parser.add_argument('--strategy', default='default',
+                      help='comma-separated: default, mirrored')
+  parser.add_argument('--devices', default='',
+                      help='devices of mirrored, e.g. CPU:0,CPU:1')
+  parser.add_argument('--rounds', type=int, default=1,
+                      help='times each variant runs, interleaved')
   parser.add_argument('--child', type=int, help=argparse.SUPPRESS)
   parser.add_argument('--collect', action='store_true',
                       help='measure environment steps per second instead')
@@ -225,15 +242,23 @@ def main(argv=None):
   if args.steps < 1:
     parser.error('--steps must be at least 1')
   if args.child:
-    row = measure(args.child, args.batch_size, args.batch_length, args.steps)
+    row = measure(args.child, args.batch_size, args.batch_length, args.steps,
+                  args.strategy, args.devices)
     print(json.dumps(row))
     return
+  strategies = [s.strip() for s in args.strategy.split(',')]
+  for strategy in strategies:
+    if strategy not in ('default', 'mirrored'):
+      parser.error(f'--strategy {strategy!r}: use default or mirrored')
   precisions = [32, 16] if args.precision == 'both' else [int(args.precision)]
   rows = []
-  for precision in precisions:
-    print(f'measuring precision {precision} ({args.batch_size}x'
-          f'{args.batch_length}, {args.steps} timed steps)...', file=sys.stderr)
-    rows.append(run_child(precision, args))
+  for round_ in range(args.rounds):
+    for precision in precisions:
+      for strategy in strategies:
+        print(f'round {round_ + 1}/{args.rounds}: precision {precision}, '
+              f'{strategy} ({args.batch_size}x{args.batch_length}, '
+              f'{args.steps} timed steps)...', file=sys.stderr)
+        rows.append(run_child(precision, args, strategy))
   params = rows[0].pop('params')
   for row in rows[1:]:
     row.pop('params')
@@ -241,11 +266,13 @@ def main(argv=None):
         f'value {params["value"]:,}')
   print(f'batch {args.batch_size} x {args.batch_length}, median of '
         f'{args.steps} steps')
-  header = ('precision', 'policy', 'first step s', 'step s (median)',
-            'peak RSS MB')
+  header = ('precision', 'policy', 'strategy', 'first step s',
+            'step s (median)', 'peak RSS MB')
   print('  '.join(f'{h:>15}' for h in header))
   for row in rows:
-    cells = (row['precision'], row['policy'], row['first_step_s'],
+    strategy = row['strategy'] + (
+        f' x{row["replicas"]}' if row['replicas'] > 1 else '')
+    cells = (row['precision'], row['policy'], strategy, row['first_step_s'],
              row['step_s_median'], row['peak_rss_mb'])
     print('  '.join(f'{c:>15}' for c in cells))
   if args.json:

@@ -4,6 +4,7 @@ several environment processes, all on the CPU."""
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -130,6 +131,52 @@ def test_multi_worker_trains_on_two_local_workers_and_resumes(tmp_path):
   key = [k for k in reader.get_variable_to_shape_map()
          if k.startswith('model_opt_adam/') and 'iteration' in k][0]
   assert int(reader.get_tensor(key)) == 8
+
+
+def test_stopping_the_chief_saves_and_stops_every_worker(tmp_path):
+  # SIGTERM, which the run treats as Ctrl-C (SIGINT may be ignored when the
+  # tests run in the background).
+  chief, worker = start_workers(tmp_path, '--steps', 100000, '--eval_every',
+                                100000)
+  try:
+    deadline = time.time() + 300
+    # Wait until they train together (the chief logs after its updates).
+    while not (tmp_path / 'metrics.jsonl').exists() or 'model_loss' not in \
+        (tmp_path / 'metrics.jsonl').read_text():
+      assert chief.poll() is None, chief.communicate()[1][-3000:]
+      assert time.time() < deadline, 'no training in time'
+      time.sleep(0.5)
+    chief.send_signal(signal.SIGTERM)
+    chief_out, chief_err = chief.communicate(timeout=120)
+    worker_out, worker_err = worker.communicate(timeout=120)
+  finally:
+    for process in (chief, worker):
+      process.kill()
+  assert chief.returncode == 130, chief_err[-3000:]
+  assert 'Interrupted at step' in chief_out
+  assert list((tmp_path / 'checkpoints').glob('ckpt-*.index'))
+  assert worker.returncode == 0, worker_err[-3000:]
+  assert 'weights fingerprint' in worker_out
+
+
+def test_a_killed_chief_ends_the_other_workers_in_one_line(tmp_path):
+  chief, worker = start_workers(tmp_path, '--steps', 100000, '--eval_every',
+                                100000)
+  try:
+    deadline = time.time() + 300
+    while not list(tmp_path.glob('episodes/*.npz')):
+      assert chief.poll() is None, chief.communicate()[1][-3000:]
+      assert time.time() < deadline, 'no episodes in time'
+      time.sleep(0.5)
+    chief.kill()
+    chief.communicate(timeout=60)
+    worker_out, worker_err = worker.communicate(timeout=120)
+  finally:
+    for process in (chief, worker):
+      process.kill()
+  assert worker.returncode == 1
+  assert 'Traceback' not in worker_err, worker_err[-3000:]
+  assert 'dreamer.py: error: lost the other workers' in worker_err
 
 
 def children(pid):
