@@ -258,7 +258,12 @@ class Optimizer:
     return grads
 
   def step(self, tape, loss):
-    grads = self.gradients(tape, loss)
+    """One update from the gradient of `loss`; returns the global norm."""
+    return self.update(self.gradients(tape, loss))
+
+  def update(self, grads):
+    """Clips `grads` (one per variable) and applies them unless they are
+    not finite; returns their global norm before clipping."""
     norm = tf.linalg.global_norm(grads)
     finite = tf.math.is_finite(norm)
     if self._clip:

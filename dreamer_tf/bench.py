@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -77,6 +78,152 @@ def measure(precision, batch_size, batch_length, steps, strategy='default',
       step_s_median=round(float(np.median(times)), 3),
       step_s_all=[round(t, 3) for t in times], peak_rss_mb=round(peak_mb),
       params=agent.param_counts())
+
+
+def random_batch(batch_size, batch_length):
+  """A training batch of the default task's shapes, from a fixed seed."""
+  import numpy as np
+  import tensorflow as tf
+  rng = np.random.default_rng(0)
+  shape = (batch_size, batch_length)
+  return dict(
+      image=tf.constant(rng.integers(0, 256, shape + (64, 64, 3)), tf.uint8),
+      action=tf.constant(rng.uniform(-1, 1, shape + (ACT_DIM,)), tf.float32),
+      reward=tf.constant(rng.normal(size=shape), tf.float32),
+      discount=tf.ones(shape, tf.float32))
+
+
+def timed(fn, steps):
+  """Median seconds of `fn()` after one warm-up call (which traces)."""
+  import numpy as np
+  _sync(fn())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    _sync(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def _sync(result):
+  import tensorflow as tf
+  for leaf in tf.nest.flatten(result):
+    if hasattr(leaf, 'numpy'):
+      leaf.numpy()
+
+
+def profile(precision, batch_size, batch_length, steps):
+  """Runs in the child process: the train step cut into its phases, each
+  a tf.function of its own, timed forward and forward + backward on the
+  inputs the real step gives it (the backward time is the difference).
+  Returns the rows, the whole step's median and the share of the cores
+  busy during whole steps (process CPU time / wall time / cores)."""
+  import numpy as np
+
+  import dreamer_tf
+  dreamer_tf.quiet_tensorflow()
+  import tensorflow as tf
+
+  import dreamer
+  from dreamer_tf.agent import Dreamer
+
+  config = dreamer.define_config()
+  config.precision = precision
+  agent = Dreamer(config, ACT_DIM)
+  data = agent.preprocess(random_batch(batch_size, batch_length))
+  dyn = agent.dynamics
+  # The real step's intermediate values, as fixed inputs of the phases.
+  embed = agent.encoder(data['image'])
+  post, prior = dyn.observe(embed, data['action'])
+  feat = dyn.get_feat(post)
+  imag_feat = agent.imagine_ahead(post)
+  cotangent = lambda x: tf.random.stateless_normal(tf.shape(x), [0, 1])
+  def backward(variables, inputs, forward):
+    """fn() -> forward, and fn() -> gradients of the forward's output
+    (with a fixed random cotangent if it is not a scalar) to `variables`
+    and `inputs`."""
+    def both():
+      with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        out = forward()
+      seed = None if out.shape.rank == 0 else cotangent(out)
+      return tape.gradient(out, variables + inputs, output_gradients=seed)
+    return tf.function(forward), tf.function(both)
+  model_vars = lambda *parts: [v for p in parts for v in p.trainable_variables]
+  def kl():
+    return tf.reduce_mean(tfp_kl(dyn.get_dist(post), dyn.get_dist(prior)))
+  def behaviour():
+    actor_loss, value_loss = agent.behavior_losses(imag_feat)
+    return actor_loss + value_loss
+  phases = [
+      ('encoder', backward(model_vars(agent.encoder), [],
+                           lambda: agent.encoder(data['image']))),
+      (f'RSSM observe ({batch_length} steps)', backward(
+          model_vars(dyn), [embed],
+          lambda: dyn.get_feat(dyn.observe(embed, data['action'])[0]))),
+      ('decoder + image log-lik', backward(
+          model_vars(agent.decoder), [feat],
+          lambda: tf.reduce_mean(agent.decoder(feat).log_prob(
+              data['image'])))),
+      ('reward head', backward(
+          model_vars(agent.reward), [feat],
+          lambda: tf.reduce_mean(agent.reward(feat).log_prob(
+              data['reward'])))),
+      ('KL', backward([], [post['mean'], post['std'], prior['mean'],
+                           prior['std']], kl)),
+      (f'imagination ({config.horizon} steps)', backward(
+          model_vars(agent.actor, dyn), [],
+          lambda: agent.imagine_ahead(post))),
+      ('behaviour losses', backward(
+          model_vars(agent.actor, agent.value, agent.reward), [imag_feat],
+          behaviour)),
+  ]
+  rows = []
+  for name, (forward, both) in phases:
+    fwd = timed(forward, steps)
+    total = timed(both, steps)
+    rows.append(dict(phase=name, forward_s=fwd, backward_s=total - fwd,
+                     total_s=total))
+  for opt in (agent.model_opt, agent.actor_opt, agent.value_opt):
+    grads = [tf.zeros_like(v) for v in opt.variables]
+    apply = tf.function(lambda opt=opt, grads=grads: opt.update(grads))
+    rows.append(dict(phase=f'{opt.name} optimizer (clip, Adam)',
+                     forward_s=0.0, backward_s=0.0,
+                     total_s=timed(apply, steps)))
+  batch = random_batch(batch_size, batch_length)
+  step = lambda: agent.train(batch)['model_loss']
+  _sync(step())
+  cpu, times = 0.0, []
+  for _ in range(steps):
+    cpu_start, start = time.process_time(), time.perf_counter()
+    _sync(step())
+    times.append(time.perf_counter() - start)
+    cpu += time.process_time() - cpu_start
+  wall = sum(times)
+  whole = float(np.median(times))
+  return dict(precision=precision, policy=agent.policy, rows=rows,
+              whole_s=whole, busy=cpu / wall / (os.cpu_count() or 1))
+
+
+def tfp_kl(a, b):
+  import tensorflow_probability as tfp
+  return tfp.distributions.kl_divergence(a, b)
+
+
+def print_profile(result, batch_size, batch_length):
+  whole = result['whole_s']
+  parts = sum(r['total_s'] for r in result['rows'])
+  print(f'precision {result["precision"]} ({result["policy"]}), batch '
+        f'{batch_size} x {batch_length}: whole train step {whole:.3f} s '
+        f'(median), cores busy {100 * result["busy"]:.0f} %')
+  print(f'{"phase":<34}{"forward s":>10}{"backward s":>11}{"total s":>9}'
+        f'{"share":>7}')
+  for row in result['rows']:
+    print(f'{row["phase"]:<34}{row["forward_s"]:>10.3f}'
+          f'{row["backward_s"]:>11.3f}{row["total_s"]:>9.3f}'
+          f'{100 * row["total_s"] / whole:>6.0f}%')
+  print(f'{"sum of the phases":<34}{"":>10}{"":>11}{parts:>9.3f}'
+        f'{100 * parts / whole:>6.0f}%')
 
 
 def measure_collection(args):
@@ -190,16 +337,81 @@ def replay_child(folder, bound):
   return dict(replay_size=bound, episodes=held, peak_rss_mb=round(peak_mb))
 
 
-def run_child(precision, args, strategy='default'):
-  command = [sys.executable, '-m', 'dreamer_tf.bench', '--child',
-             str(precision),
-             '--batch_size', str(args.batch_size), '--batch_length',
-             str(args.batch_length), '--steps', str(args.steps),
-             '--strategy', strategy, '--devices', args.devices]
-  result = subprocess.run(command, capture_output=True, text=True)
+def size_flags(args):
+  return ['--batch_size', str(args.batch_size), '--batch_length',
+          str(args.batch_length), '--steps', str(args.steps)]
+
+
+def run_json(flags, what, cwd=None):
+  """Runs `python -m dreamer_tf.bench FLAGS` (in `cwd`, another checkout)
+  and returns the JSON object of its last line."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'dreamer_tf.bench', *flags], cwd=cwd,
+      capture_output=True, text=True)
   if result.returncode != 0:
-    sys.exit(f'bench: precision {precision} failed:\n{result.stderr[-2000:]}')
+    sys.exit(f'bench: {what} failed:\n{result.stderr[-2000:]}')
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_child(precision, args, strategy='default'):
+  flags = ['--child', str(precision), *size_flags(args)]
+  if strategy != 'default':
+    flags += ['--strategy', strategy, '--devices', args.devices]
+  return run_json(flags, f'precision {precision} ({strategy})')
+
+
+def compare(args, precisions):
+  """This checkout against `--against` (checked out into a temporary git
+  worktree), interleaved: new, old, new, old, ... for each precision.
+  Prints every run and the ratio new / old of the medians over rounds."""
+  import shutil
+  import tempfile
+  root = pathlib.Path(__file__).resolve().parents[1]
+  commit = subprocess.run(
+      ['git', 'rev-parse', '--short', args.against], cwd=root,
+      capture_output=True, text=True)
+  if commit.returncode != 0:
+    sys.exit(f'bench: --against {args.against!r} is not a commit of '
+             f'{root}: {commit.stderr.strip()}')
+  commit = commit.stdout.strip()
+  worktree = pathlib.Path(tempfile.mkdtemp(prefix='bench-against-'))
+  subprocess.run(['git', 'worktree', 'add', '--detach', str(worktree),
+                  commit], cwd=root, check=True, capture_output=True)
+  rows = []
+  try:
+    for round_ in range(args.rounds):
+      for precision in precisions:
+        for label, cwd in (('new', root), ('old', worktree)):
+          print(f'round {round_ + 1}/{args.rounds}: precision {precision}, '
+                f'{label}...', file=sys.stderr)
+          row = run_json(['--child', str(precision), *size_flags(args)],
+                         f'{label} precision {precision}', cwd=cwd)
+          rows.append(dict(row, version=label, round=round_ + 1))
+  finally:
+    subprocess.run(['git', 'worktree', 'remove', '--force', str(worktree)],
+                   cwd=root, capture_output=True)
+    shutil.rmtree(worktree, ignore_errors=True)
+  print(f'this checkout (new) against {commit} (old), batch '
+        f'{args.batch_size} x {args.batch_length}, median of {args.steps} '
+        f'steps per run, {args.rounds} round(s) interleaved')
+  header = ('precision', 'version', 'round', 'first step s',
+            'step s (median)', 'peak RSS MB')
+  print('  '.join(f'{h:>15}' for h in header))
+  for row in rows:
+    cells = (row['precision'], row['version'], row['round'],
+             row['first_step_s'], row['step_s_median'], row['peak_rss_mb'])
+    print('  '.join(f'{c:>15}' for c in cells))
+  median = lambda p, v, k: statistics.median(
+      r[k] for r in rows if r['precision'] == p and r['version'] == v)
+  ratio = lambda p, k: median(p, 'new', k) / median(p, 'old', k)
+  for precision in precisions:
+    ratios = ', '.join(
+        f'{name} {ratio(precision, key):.3f}' for name, key in (
+            ('step', 'step_s_median'), ('first step', 'first_step_s'),
+            ('peak RSS', 'peak_rss_mb')))
+    print(f'precision {precision}: new / old = {ratios}')
+  if args.json:
+    print(json.dumps(dict(against=commit, rows=rows)))
 
 
 def main(argv=None):
@@ -216,7 +428,13 @@ def main(argv=None):
                       help='devices of mirrored, e.g. CPU:0,CPU:1')
   parser.add_argument('--rounds', type=int, default=1,
                       help='times each variant runs, interleaved')
+  parser.add_argument('--profile', action='store_true',
+                      help='time each phase of the train step instead')
+  parser.add_argument('--against', metavar='GIT_REF',
+                      help='compare with this commit, interleaved, '
+                      '--rounds times')
   parser.add_argument('--child', type=int, help=argparse.SUPPRESS)
+  parser.add_argument('--child_profile', type=int, help=argparse.SUPPRESS)
   parser.add_argument('--collect', action='store_true',
                       help='measure environment steps per second instead')
   parser.add_argument('--task', default='dmc_walker_walk')
@@ -241,6 +459,22 @@ def main(argv=None):
     return measure_collection(args)
   if args.steps < 1:
     parser.error('--steps must be at least 1')
+  if args.child_profile:
+    print(json.dumps(profile(args.child_profile, args.batch_size,
+                             args.batch_length, args.steps)))
+    return
+  precisions = [32, 16] if args.precision == 'both' else [int(args.precision)]
+  if args.profile:
+    for precision in precisions:
+      result = run_json(
+          ['--child_profile', str(precision), *size_flags(args)],
+          f'profile of precision {precision}')
+      print_profile(result, args.batch_size, args.batch_length)
+      if args.json:
+        print(json.dumps(result))
+    return
+  if args.against:
+    return compare(args, precisions)
   if args.child:
     row = measure(args.child, args.batch_size, args.batch_length, args.steps,
                   args.strategy, args.devices)
@@ -250,7 +484,6 @@ def main(argv=None):
   for strategy in strategies:
     if strategy not in ('default', 'mirrored'):
       parser.error(f'--strategy {strategy!r}: use default or mirrored')
-  precisions = [32, 16] if args.precision == 'both' else [int(args.precision)]
   rows = []
   for round_ in range(args.rounds):
     for precision in precisions:

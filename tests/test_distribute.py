@@ -63,10 +63,23 @@ def test_mirrored_step_with_float16_loss_scaling(tmp_path):
   results = mirrored_step(tmp_path, 'mixed_float16', '0')
   assert np.isfinite(results['single/model_grad_norm'])
   assert results['single/loss_scale'] == results['mirrored/loss_scale'] == 16
-  # Adam's first step moves each weight by about the learning rate (6e-4
-  # for the model); float16 gradients of another summation order may move
-  # a weight with a tiny gradient differently by a fraction of that.
-  assert_same_update(results, rtol=1e-2, atol=1e-4)
+  for key in ('model_loss', 'actor_loss', 'value_loss', 'model_grad_norm',
+              'actor_grad_norm', 'value_grad_norm'):
+    np.testing.assert_allclose(results[f'mirrored/{key}'],
+                               results[f'single/{key}'], rtol=1e-2)
+  # Adam's first step moves a weight by up to about 3 x its learning rate
+  # (at most 2e-3 here) whatever the gradient's size, so where float16
+  # gradients nearly cancel, summing them in two halves can move a weight
+  # differently. Nearly all weights agree closely; none by more than a step.
+  weights = [k for k in results if k.startswith('single/weight')]
+  close = total = 0
+  for key in weights:
+    mirrored = results[key.replace('single/', 'mirrored/')]
+    difference = np.abs(mirrored - results[key])
+    assert difference.max() < 2e-3, key
+    close += int((difference <= 1e-5 + 1e-2 * np.abs(results[key])).sum())
+    total += difference.size
+  assert close / total > 0.99, close / total
 
 
 def free_ports(count):
