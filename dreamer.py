@@ -79,6 +79,9 @@ def define_flags():
   f('cnn_act', 'relu', 'Activation of the encoder and decoder.')
   f('cnn_depth', 32, 'Channel multiplier of the encoder and decoder.')
   f('pcont', False, 'Learn a continuation (discount) head.')
+  f('scan', 'unrolled', 'Loops over time (observe, imagination, returns): '
+    'unrolled, as the reference, or loop: one symbolic loop each (same '
+    'results; traces faster).')
   f('free_nats', 3.0, 'KL below this (batch mean) gives no gradient.')
   f('kl_scale', 1.0, 'Weight of the KL term.')
   f('kl_balance', 0.0, 'KL balancing (DreamerV2): a share A in (0, 1] of '
@@ -164,7 +167,7 @@ RANGES = (
 
 CHOICES = dict(
     precision=(16, 32), parallel=('none', 'process'), mode=('train', 'eval'),
-    strategy=distribute.STRATEGIES,
+    strategy=distribute.STRATEGIES, scan=('unrolled', 'loop'),
     on_nan=('stop', 'skip'),
     preset=tuple(PRESETS), clip_rewards=('none', 'tanh'),
     action_dist=('tanh_normal', 'onehot'),

@@ -45,7 +45,22 @@ def static_scan(fn, inputs, start, reverse=False):
   return tf.nest.pack_sequence_as(start, stacked)
 
 
-def lambda_return(reward, value, pcont, bootstrap, lambda_, axis=0):
+def symbolic_scan(fn, inputs, start, reverse=False):
+  """`static_scan` as one symbolic loop (tf.scan, a tf.while_loop): the
+  same steps and results, but the step is traced once instead of once per
+  time step, so the graph and its tracing do not grow with the length."""
+  return tf.scan(fn, inputs, start, reverse=reverse)
+
+
+def scan(fn, inputs, start, reverse=False, unroll=True):
+  """`static_scan` (the reference's unrolled loop) when `unroll`, else
+  `symbolic_scan`; see `--scan` in dreamer.py."""
+  return (static_scan if unroll else symbolic_scan)(
+      fn, inputs, start, reverse=reverse)
+
+
+def lambda_return(reward, value, pcont, bootstrap, lambda_, axis=0,
+                  unroll=True):
   """TD(lambda) returns (docs/design.md section 4).
 
   R_t = r_t + c_t * ((1 - lambda) * v_{t+1} + lambda * R_{t+1}), where the
@@ -66,9 +81,9 @@ def lambda_return(reward, value, pcont, bootstrap, lambda_, axis=0):
     bootstrap = tf.zeros_like(value[-1])
   next_value = tf.concat([value[1:], bootstrap[None]], 0)
   inputs = reward + pcont * next_value * (1 - lambda_)
-  returns = static_scan(
+  returns = scan(
       lambda agg, cur: cur[0] + cur[1] * lambda_ * agg,
-      (inputs, pcont), bootstrap, reverse=True)
+      (inputs, pcont), bootstrap, reverse=True, unroll=unroll)
   if axis != 0:
     returns = tf.transpose(returns, np.argsort(perm))
   return returns

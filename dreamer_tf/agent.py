@@ -101,7 +101,9 @@ class Dreamer:
     self.act_dim = act_dim
     dt = self.policy
     self.encoder = networks.ConvEncoder(c.cnn_depth, c.cnn_act, dtype=dt)
-    self.dynamics = RSSM(c.stoch_size, c.deter_size, c.deter_size, dtype=dt)
+    self._unroll = c.scan == 'unrolled'
+    self.dynamics = RSSM(c.stoch_size, c.deter_size, c.deter_size, dtype=dt,
+                         unroll=self._unroll)
     self.decoder = networks.ConvDecoder(
         c.cnn_depth, c.cnn_act, image_shape, dtype=dt)
     self.reward = networks.DenseDecoder(
@@ -281,7 +283,7 @@ class Dreamer:
       return dict(state, action=tf.cast(action, tf.float32))
     inputs = tf.range(self.config.horizon) if eps is None else [
         tf.transpose(flatten(e), [1, 0, 2]) for e in eps]  # [H, B*T, ...]
-    states = tools.static_scan(step, inputs, start)
+    states = tools.scan(step, inputs, start, unroll=self._unroll)
     feat = self.dynamics.get_feat(states)
     return (feat, states['action']) if return_actions else feat
 
@@ -298,7 +300,7 @@ class Dreamer:
       pcont = c.discount * tf.ones_like(reward)
     returns = tools.lambda_return(
         reward[:-1], value[:-1], pcont[:-1], bootstrap=value[-1],
-        lambda_=c.disclam, axis=0)
+        lambda_=c.disclam, axis=0, unroll=self._unroll)
     weight = tf.stop_gradient(tf.math.cumprod(
         tf.concat([tf.ones_like(pcont[:1]), pcont[:-2]], 0), 0))
     actor_loss = -tf.reduce_mean(weight * returns)

@@ -37,8 +37,18 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 ACT_DIM = 6
 
 
+def apply_settings(config, settings):
+  """'key=value,key=value' (flags of dreamer.py) onto `config`."""
+  for item in filter(None, settings.split(',')):
+    key, _, value = item.partition('=')
+    default = getattr(config, key)
+    setattr(config, key, type(default)(value) if default is not None
+            else value)
+  return config
+
+
 def measure(precision, batch_size, batch_length, steps, strategy='default',
-            devices=''):
+            devices='', settings=''):
   """Runs in the child process: returns the row for one precision."""
   import numpy as np
 
@@ -51,7 +61,7 @@ def measure(precision, batch_size, batch_length, steps, strategy='default',
   import dreamer
   from dreamer_tf.agent import Dreamer
 
-  config = dreamer.define_config()
+  config = apply_settings(dreamer.define_config(), settings)
   config.precision = precision
   agent = Dreamer(config, ACT_DIM, strategy=strategy_object)
   rng = np.random.default_rng(0)
@@ -73,6 +83,7 @@ def measure(precision, batch_size, batch_length, steps, strategy='default',
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return dict(
       precision=precision, policy=agent.policy, strategy=strategy,
+      settings=settings,
       replicas=distribute.replicas(strategy_object),
       first_step_s=round(first, 2),
       step_s_median=round(float(np.median(times)), 3),
@@ -353,11 +364,13 @@ def run_json(flags, what, cwd=None):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_child(precision, args, strategy='default'):
+def run_child(precision, args, strategy='default', settings=''):
   flags = ['--child', str(precision), *size_flags(args)]
   if strategy != 'default':
     flags += ['--strategy', strategy, '--devices', args.devices]
-  return run_json(flags, f'precision {precision} ({strategy})')
+  if settings:
+    flags += ['--settings', settings]
+  return run_json(flags, f'precision {precision} ({strategy} {settings})')
 
 
 def compare(args, precisions):
@@ -433,6 +446,10 @@ def main(argv=None):
   parser.add_argument('--against', metavar='GIT_REF',
                       help='compare with this commit, interleaved, '
                       '--rounds times')
+  parser.add_argument('--variants', nargs='+', default=[''],
+                      help='flag settings to compare, interleaved, e.g. '
+                      '--variants scan=unrolled scan=loop')
+  parser.add_argument('--settings', default='', help=argparse.SUPPRESS)
   parser.add_argument('--child', type=int, help=argparse.SUPPRESS)
   parser.add_argument('--child_profile', type=int, help=argparse.SUPPRESS)
   parser.add_argument('--collect', action='store_true',
@@ -477,7 +494,7 @@ def main(argv=None):
     return compare(args, precisions)
   if args.child:
     row = measure(args.child, args.batch_size, args.batch_length, args.steps,
-                  args.strategy, args.devices)
+                  args.strategy, args.devices, args.settings)
     print(json.dumps(row))
     return
   strategies = [s.strip() for s in args.strategy.split(',')]
@@ -488,10 +505,12 @@ def main(argv=None):
   for round_ in range(args.rounds):
     for precision in precisions:
       for strategy in strategies:
-        print(f'round {round_ + 1}/{args.rounds}: precision {precision}, '
-              f'{strategy} ({args.batch_size}x{args.batch_length}, '
-              f'{args.steps} timed steps)...', file=sys.stderr)
-        rows.append(run_child(precision, args, strategy))
+        for settings in args.variants:
+          print(f'round {round_ + 1}/{args.rounds}: precision {precision}, '
+                f'{strategy} {settings} ({args.batch_size}x'
+                f'{args.batch_length}, {args.steps} timed steps)...',
+                file=sys.stderr)
+          rows.append(run_child(precision, args, strategy, settings))
   params = rows[0].pop('params')
   for row in rows[1:]:
     row.pop('params')
@@ -499,13 +518,14 @@ def main(argv=None):
         f'value {params["value"]:,}')
   print(f'batch {args.batch_size} x {args.batch_length}, median of '
         f'{args.steps} steps')
-  header = ('precision', 'policy', 'strategy', 'first step s',
+  header = ('precision', 'policy', 'variant', 'first step s',
             'step s (median)', 'peak RSS MB')
   print('  '.join(f'{h:>15}' for h in header))
   for row in rows:
-    strategy = row['strategy'] + (
-        f' x{row["replicas"]}' if row['replicas'] > 1 else '')
-    cells = (row['precision'], row['policy'], strategy, row['first_step_s'],
+    variant = row['strategy'] + (
+        f' x{row["replicas"]}' if row['replicas'] > 1 else '') + (
+        f' {row["settings"]}' if row['settings'] else '')
+    cells = (row['precision'], row['policy'], variant, row['first_step_s'],
              row['step_s_median'], row['peak_rss_mb'])
     print('  '.join(f'{c:>15}' for c in cells))
   if args.json:

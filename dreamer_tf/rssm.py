@@ -26,9 +26,11 @@ class RSSM(layers.Layer):
   of the stoch shape) so that rollouts can be made deterministic in tests.
   """
 
-  def __init__(self, stoch=30, deter=200, hidden=200, dtype=None, name='rssm'):
+  def __init__(self, stoch=30, deter=200, hidden=200, dtype=None, name='rssm',
+               unroll=True):
     super().__init__(name=name, dtype=dtype)
     self._stoch, self._deter = stoch, deter
+    self._unroll = unroll  # Rollouts: unrolled, or one symbolic loop.
     dense = lambda units, act, name: networks.Dense(
         units, act, dtype=dtype, name=name)
     self.img1 = dense(hidden, 'elu', 'img1')
@@ -53,7 +55,8 @@ class RSSM(layers.Layer):
     inputs = tf.nest.map_structure(_swap, inputs)
     step = lambda prev, inp: self.obs_step(
         prev[0], inp[0], inp[1], None if eps is None else inp[2:])
-    post, prior = tools.static_scan(step, inputs, (state, state))
+    post, prior = tools.scan(step, inputs, (state, state),
+                             unroll=self._unroll)
     return (tf.nest.map_structure(_swap, post),
             tf.nest.map_structure(_swap, prior))
 
@@ -61,7 +64,8 @@ class RSSM(layers.Layer):
     """Prior states [B, T, ...] for a given action sequence [B, T, A]."""
     if state is None:
       state = self.initial(tf.shape(action)[0])
-    prior = tools.static_scan(self.img_step, _swap(action), state)
+    prior = tools.scan(self.img_step, _swap(action), state,
+                       unroll=self._unroll)
     return tf.nest.map_structure(_swap, prior)
 
   def get_feat(self, state):

@@ -334,3 +334,32 @@ def test_bfloat16_bias_gradients_match_float32(make, shape):
   for ours, exact in zip(grads['mixed_bfloat16'], grads['float32']):
     error = np.max(np.abs(ours - exact)) / np.max(np.abs(exact))
     assert error < 0.05, error
+
+
+def test_symbolic_loops_give_the_unrolled_step():
+  # --scan loop (tf.scan) against the reference's unrolled loops, which the
+  # golden tests check: same weights, batch and random draws, so the same
+  # losses and updated weights to float rounding.
+  config = tiny_config(free_nats=0.0)
+  batch, length, act = 3, 6, 2
+  data = random_batch(batch, length, act)
+  rng = np.random.default_rng(5)
+  shapes = dict(prior=(batch, length, config.stoch_size),
+                post=(batch, length, config.stoch_size),
+                actor=(batch, length, config.horizon, act),
+                imag=(batch, length, config.horizon, config.stoch_size))
+  noise = {k: tf.constant(rng.normal(size=v), tf.float32)
+           for k, v in shapes.items()}
+  unrolled = agent_lib.Dreamer(config, act)
+  looped = agent_lib.Dreamer(tiny_config(free_nats=0.0, scan='loop'),
+                             act)
+  for source, target in zip(unrolled.variables(), looped.variables()):
+    target.assign(source)
+  first = unrolled.train(data, noise)
+  second = looped.train(data, noise)
+  for key in ('model_loss', 'actor_loss', 'value_loss', 'model_grad_norm',
+              'actor_grad_norm', 'value_grad_norm', 'div'):
+    np.testing.assert_allclose(second[key], first[key], rtol=1e-5,
+                               err_msg=key)
+  for a, b in zip(unrolled.weights(), looped.weights()):
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-7)
