@@ -197,12 +197,21 @@ class Dreamer:
     data = self.preprocess(data)
     eps = (None, None) if noise is None else (
         (noise['prior'], noise['post']), (noise['actor'], noise['imag']))
-    with tf.GradientTape(persistent=True) as tape:
+    with tf.GradientTape() as model_tape:
       model_loss, post, metrics = self.world_model_loss(data, eps=eps[0])
+    model_grads = self.model_opt.gradients(model_tape, model_loss)
+    # Imagination starts once the world model's backward pass is done, so
+    # that the activations kept for it (mostly the convolutions') are freed
+    # before imagination's are made: a lower peak, the same numbers.
+    with tf.control_dependencies(model_grads):
+      post = {k: tf.identity(v) for k, v in post.items()}
+    with tf.GradientTape(persistent=True) as tape:
       imag_feat, imag_action = self.imagine_ahead(
           post, return_actions=True, eps=eps[1])
       actor_loss, value_loss = self.behavior_losses(imag_feat, metrics)
-    metrics['model_grad_norm'] = self.model_opt.step(tape, model_loss)
+    # The updates come after every forward pass: imagination uses the world
+    # model before this step's update, as in the reference.
+    metrics['model_grad_norm'] = self.model_opt.update(model_grads)
     metrics['actor_grad_norm'] = self.actor_opt.step(tape, actor_loss)
     metrics['value_grad_norm'] = self.value_opt.step(tape, value_loss)
     del tape

@@ -241,6 +241,9 @@ def test_overfitting_one_batch_lowers_the_world_model_loss():
   # and a bias alone cannot do better, so falling below 0.7 of the start needs
   # the frame's colour to travel encoder -> RSSM -> decoder. Measured: 572 ->
   # ~310 after 100 steps at lr 3e-3 (the default 6e-4 needs ~300 steps).
+  # Seeded: over unseeded runs the ratio was 0.54-0.55, but one seed in six
+  # gave 0.64, near the bound, so an unlucky start could fail this test.
+  keras.utils.set_random_seed(0)
   agent = agent_lib.Dreamer(tiny_config(model_lr=3e-3), 2)
   rng = np.random.default_rng(0)
   colours = rng.integers(0, 256, (3, 6, 1, 1, 3))
