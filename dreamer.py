@@ -103,6 +103,9 @@ def define_flags():
   f('on_nan', 'stop', 'On a non-finite loss: stop (the batch goes to '
     '<logdir>/nan/, exit status 3), or skip the update and count it '
     '(nan_steps).')
+  f('save_memory', False, 'Finish the world model\'s backward pass before '
+    'imagination starts: same results, peak memory -13 to -19 %, train step '
+    '+4 to 6 % (50x50 on 2 CPU cores).')
   f('dataset_balance', False, 'Bias training windows towards episode ends.')
   f('replay_size', int(1e6), 'Environment steps of the newest episodes kept '
     'in memory for training (about 6 GB per 1e6 at action repeat 2); older '

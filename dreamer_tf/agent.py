@@ -200,11 +200,13 @@ class Dreamer:
     with tf.GradientTape() as model_tape:
       model_loss, post, metrics = self.world_model_loss(data, eps=eps[0])
     model_grads = self.model_opt.gradients(model_tape, model_loss)
-    # Imagination starts once the world model's backward pass is done, so
-    # that the activations kept for it (mostly the convolutions') are freed
-    # before imagination's are made: a lower peak, the same numbers.
-    with tf.control_dependencies(model_grads):
-      post = {k: tf.identity(v) for k, v in post.items()}
+    if self.config.save_memory:
+      # Imagination starts once the world model's backward pass is done, so
+      # the activations kept for it (mostly the convolutions') are freed
+      # before imagination's are made: a lower peak, the same numbers, but
+      # the two can no longer overlap.
+      with tf.control_dependencies(model_grads):
+        post = {k: tf.identity(v) for k, v in post.items()}
     with tf.GradientTape(persistent=True) as tape:
       imag_feat, imag_action = self.imagine_ahead(
           post, return_actions=True, eps=eps[1])

@@ -63,7 +63,9 @@ class Flags:
       shown = 'required' if default is None else f'default: {default}'
       groups[group].add_argument(
           f'--{name}', type=args_type(default), default=argparse.SUPPRESS,
-          metavar=_metavar(default), help=f'{text} ({shown})')
+          metavar=_metavar(default),
+          # argparse formats help with %: a literal one must be doubled.
+          help=f'{text} ({shown})'.replace('%', '%%'))
     return parser
 
 

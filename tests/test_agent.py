@@ -339,10 +339,13 @@ def test_bfloat16_bias_gradients_match_float32(make, shape):
     assert error < 0.05, error
 
 
-def test_symbolic_loops_give_the_unrolled_step():
+@pytest.mark.parametrize('option', [dict(scan='loop'),
+                                    dict(save_memory=True)])
+def test_speed_and_memory_options_give_the_same_step(option):
   # --scan loop (tf.scan) against the reference's unrolled loops, which the
-  # golden tests check: same weights, batch and random draws, so the same
-  # losses and updated weights to float rounding.
+  # golden tests check, and --save_memory (another schedule): same weights,
+  # batch and random draws, so the same losses and updated weights to float
+  # rounding.
   config = tiny_config(free_nats=0.0)
   batch, length, act = 3, 6, 2
   data = random_batch(batch, length, act)
@@ -354,8 +357,7 @@ def test_symbolic_loops_give_the_unrolled_step():
   noise = {k: tf.constant(rng.normal(size=v), tf.float32)
            for k, v in shapes.items()}
   unrolled = agent_lib.Dreamer(config, act)
-  looped = agent_lib.Dreamer(tiny_config(free_nats=0.0, scan='loop'),
-                             act)
+  looped = agent_lib.Dreamer(tiny_config(free_nats=0.0, **option), act)
   for source, target in zip(unrolled.variables(), looped.variables()):
     target.assign(source)
   first = unrolled.train(data, noise)
