@@ -38,8 +38,11 @@ ACT_DIM = 6
 
 
 def apply_settings(config, settings):
-  """'key=value,key=value' (flags of dreamer.py) onto `config`."""
+  """'key=value,key=value' (flags of dreamer.py) onto `config`; items
+  'env:NAME=VALUE' are environment variables, set by `run_json`."""
   for item in filter(None, settings.split(',')):
+    if item.startswith('env:'):
+      continue
     key, _, value = item.partition('=')
     default = getattr(config, key)
     setattr(config, key, type(default)(value) if default is not None
@@ -123,7 +126,7 @@ def _sync(result):
       leaf.numpy()
 
 
-def profile(precision, batch_size, batch_length, steps):
+def profile(precision, batch_size, batch_length, steps, settings=''):
   """Runs in the child process: the train step cut into its phases, each
   a tf.function of its own, timed forward and forward + backward on the
   inputs the real step gives it (the backward time is the difference).
@@ -138,7 +141,7 @@ def profile(precision, batch_size, batch_length, steps):
   import dreamer
   from dreamer_tf.agent import Dreamer
 
-  config = dreamer.define_config()
+  config = apply_settings(dreamer.define_config(), settings)
   config.precision = precision
   agent = Dreamer(config, ACT_DIM)
   data = agent.preprocess(random_batch(batch_size, batch_length))
@@ -213,6 +216,7 @@ def profile(precision, batch_size, batch_length, steps):
   wall = sum(times)
   whole = float(np.median(times))
   return dict(precision=precision, policy=agent.policy, rows=rows,
+              settings=settings,
               whole_s=whole, busy=cpu / wall / (os.cpu_count() or 1))
 
 
@@ -224,9 +228,10 @@ def tfp_kl(a, b):
 def print_profile(result, batch_size, batch_length):
   whole = result['whole_s']
   parts = sum(r['total_s'] for r in result['rows'])
-  print(f'precision {result["precision"]} ({result["policy"]}), batch '
-        f'{batch_size} x {batch_length}: whole train step {whole:.3f} s '
-        f'(median), cores busy {100 * result["busy"]:.0f} %')
+  settings = f', {result["settings"]}' if result.get('settings') else ''
+  print(f'precision {result["precision"]} ({result["policy"]}{settings}), '
+        f'batch {batch_size} x {batch_length}: whole train step {whole:.3f} '
+        f's (median), cores busy {100 * result["busy"]:.0f} %')
   print(f'{"phase":<34}{"forward s":>10}{"backward s":>11}{"total s":>9}'
         f'{"share":>7}')
   for row in result['rows']:
@@ -353,12 +358,18 @@ def size_flags(args):
           str(args.batch_length), '--steps', str(args.steps)]
 
 
-def run_json(flags, what, cwd=None):
-  """Runs `python -m dreamer_tf.bench FLAGS` (in `cwd`, another checkout)
-  and returns the JSON object of its last line."""
+def run_json(flags, what, cwd=None, settings=''):
+  """Runs `python -m dreamer_tf.bench FLAGS` (in `cwd`, another checkout;
+  with the 'env:NAME=VALUE' items of `settings` in its environment) and
+  returns the JSON object of its last line."""
+  env = dict(os.environ)
+  for item in settings.split(','):
+    if item.startswith('env:'):
+      name, _, value = item[4:].partition('=')
+      env[name] = value
   result = subprocess.run(
       [sys.executable, '-m', 'dreamer_tf.bench', *flags], cwd=cwd,
-      capture_output=True, text=True)
+      capture_output=True, text=True, env=env)
   if result.returncode != 0:
     sys.exit(f'bench: {what} failed:\n{result.stderr[-2000:]}')
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -370,7 +381,8 @@ def run_child(precision, args, strategy='default', settings=''):
     flags += ['--strategy', strategy, '--devices', args.devices]
   if settings:
     flags += ['--settings', settings]
-  return run_json(flags, f'precision {precision} ({strategy} {settings})')
+  return run_json(flags, f'precision {precision} ({strategy} {settings})',
+                  settings=settings)
 
 
 def compare(args, precisions):
@@ -448,7 +460,8 @@ def main(argv=None):
                       '--rounds times')
   parser.add_argument('--variants', nargs='+', default=[''],
                       help='flag settings to compare, interleaved, e.g. '
-                      '--variants scan=unrolled scan=loop')
+                      '--variants scan=unrolled scan=loop; env:NAME=VALUE '
+                      'sets an environment variable')
   parser.add_argument('--settings', default='', help=argparse.SUPPRESS)
   parser.add_argument('--child', type=int, help=argparse.SUPPRESS)
   parser.add_argument('--child_profile', type=int, help=argparse.SUPPRESS)
@@ -478,15 +491,17 @@ def main(argv=None):
     parser.error('--steps must be at least 1')
   if args.child_profile:
     print(json.dumps(profile(args.child_profile, args.batch_size,
-                             args.batch_length, args.steps)))
+                             args.batch_length, args.steps, args.settings)))
     return
   precisions = [32, 16] if args.precision == 'both' else [int(args.precision)]
   if args.profile:
     for precision in precisions:
-      result = run_json(
-          ['--child_profile', str(precision), *size_flags(args)],
-          f'profile of precision {precision}')
-      print_profile(result, args.batch_size, args.batch_length)
+      for settings in args.variants:
+        result = run_json(
+            ['--child_profile', str(precision), *size_flags(args),
+             '--settings', settings],
+            f'profile of precision {precision}', settings=settings)
+        print_profile(result, args.batch_size, args.batch_length)
       if args.json:
         print(json.dumps(result))
     return
