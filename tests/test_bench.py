@@ -27,7 +27,9 @@ def test_profile_covers_every_phase_of_the_step():
   assert 'imagination (15 steps)' in phases
   assert sum('optimizer' in phase for phase in phases) == 3
   for row in result['rows']:
-    assert abs(row['forward_s'] + row['backward_s'] - row['total_s']) < 1e-9
+    if 'optimizer' not in row['phase']:  # Those have no forward/backward.
+      assert abs(row['forward_s'] + row['backward_s'] - row['total_s']) < 1e-9
+    assert row['total_s'] > 0
   assert result['whole_s'] > 0 and 0 < result['busy'] <= 1.05
   assert 'sum of the phases' in out and 'cores busy' in out
 

@@ -192,25 +192,30 @@ def test_a_killed_chief_ends_the_other_workers_in_one_line(tmp_path):
   assert 'dreamer.py: error: lost the other workers' in worker_err
 
 
-def children(pid):
-  """Pids of the live processes whose parent is `pid`."""
-  found = []
+def process_stats():
+  """{pid: (parent pid, state, start time)} of every process."""
+  found = {}
   for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
     try:
       fields = stat.read_text().rsplit(')', 1)[1].split()
     except OSError:
       continue
-    if int(fields[1]) == pid and fields[0] != 'Z':
-      found.append(int(stat.parent.name))
+    found[int(stat.parent.name)] = (int(fields[1]), fields[0], fields[19])
   return found
 
 
-def alive(pid):
-  try:
-    state = pathlib.Path(f'/proc/{pid}/stat').read_text()
-  except OSError:
-    return False
-  return state.rsplit(')', 1)[1].split()[0] != 'Z'
+def children(pid):
+  """{pid: start time} of the live processes whose parent is `pid`."""
+  return {child: start for child, (parent, state, start)
+          in process_stats().items() if parent == pid and state != 'Z'}
+
+
+def survivors(seen):
+  """The processes of `seen` still alive (the same start time: not a new
+  process that got a reused pid)."""
+  now = process_stats()
+  return [pid for pid, start in seen.items()
+          if pid in now and now[pid][1] != 'Z' and now[pid][2] == start]
 
 
 def test_three_environment_processes_end_to_end(tmp_path):
@@ -222,7 +227,7 @@ def test_three_environment_processes_end_to_end(tmp_path):
        '--steps', '1200', '--train_every', '600', '--eval_every', '1200'],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=QUIET)
-  seen = set()
+  seen = {}
   while process.poll() is None:
     seen.update(children(process.pid))
     time.sleep(0.2)
@@ -231,7 +236,14 @@ def test_three_environment_processes_end_to_end(tmp_path):
   # 3 training workers and the evaluation worker (and possibly the
   # resource tracker of multiprocessing) ran as children.
   assert len(seen) >= 4, seen
-  assert not [pid for pid in seen if alive(pid)]
+  # multiprocessing's resource tracker exits when it sees its parent gone,
+  # a moment after it: give the children a few seconds.
+  deadline = time.time() + 10
+  while survivors(seen) and time.time() < deadline:
+    time.sleep(0.2)
+  left = survivors(seen)
+  assert not left, [pathlib.Path(f'/proc/{pid}/cmdline').read_bytes()
+                    for pid in left]
   paths = sorted(tmp_path.glob('episodes/*.npz'))
   assert len(paths) == 6
   lengths = []
