@@ -57,7 +57,7 @@ def main(out, policy, free_nats):
   config = tiny.tiny_config(free_nats=0.0)
   data = tiny.random_batch(B, T, A)
   noise = noise_for(config)
-  tf.random.set_seed(0)
+  tf.keras.utils.set_random_seed(0)  # The initial weights.
   single = agent_lib.Dreamer(config, A, policy=policy)
   kls = half_kls(single, data, noise)
   if free_nats == 'straddle':

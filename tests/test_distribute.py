@@ -63,10 +63,13 @@ def test_mirrored_step_with_float16_loss_scaling(tmp_path):
   results = mirrored_step(tmp_path, 'mixed_float16', '0')
   assert np.isfinite(results['single/model_grad_norm'])
   assert results['single/loss_scale'] == results['mirrored/loss_scale'] == 16
+  # Float16 gradients summed in two halves round differently: a gradient
+  # norm differed by 2.3 % in one run. A gradient summed twice over the
+  # replicas would double it.
   for key in ('model_loss', 'actor_loss', 'value_loss', 'model_grad_norm',
               'actor_grad_norm', 'value_grad_norm'):
     np.testing.assert_allclose(results[f'mirrored/{key}'],
-                               results[f'single/{key}'], rtol=1e-2)
+                               results[f'single/{key}'], rtol=5e-2)
   # Adam's first step moves a weight by up to about 3 x its learning rate
   # (at most 2e-3 here) whatever the gradient's size, so where float16
   # gradients nearly cancel, summing them in two halves can move a weight
