@@ -409,6 +409,12 @@ class NonFinite(RuntimeError):
 FINITE = ('model_loss', 'actor_loss', 'value_loss')
 
 
+def non_finite(metrics):
+  """The names of FINITE whose value in `metrics` is NaN or infinite."""
+  return [k for k in FINITE if k in metrics and
+          not np.isfinite(float(metrics[k]))]
+
+
 def finite_actions(actions, step=None):
   """The actions as an array; NonFinite if any is NaN or infinite (MuJoCo
   would crash the worker on it)."""
@@ -562,8 +568,7 @@ class Run:
         metrics = self.team.step(self.agent.train, batch)
       else:
         metrics = self.agent.train(batch)
-      bad = [k for k in FINITE if k in metrics and
-             not np.isfinite(float(metrics[k]))]
+      bad = non_finite(metrics)
       if bad:
         self._non_finite(batch, {k: float(metrics[k]) for k in bad})
         continue
@@ -729,7 +734,7 @@ def follow(config, strategy):
     for _ in team.orders():
       dataset = dataset or iter(make_dataset(config, spec, strategy)())
       metrics = agent.train(next(dataset))
-      bad = [k for k in FINITE if not np.isfinite(float(metrics[k]))]
+      bad = non_finite(metrics)
       if bad and config.on_nan == 'stop':
         print(f'Stopped: {", ".join(bad)} not finite, as on the chief.')
         status = 3

@@ -59,7 +59,6 @@ def measure(precision, batch_size, batch_length, steps, strategy='default',
   from dreamer_tf import distribute
   dreamer_tf.quiet_tensorflow()
   strategy_object = distribute.make_strategy(strategy, devices)
-  import tensorflow as tf
 
   import dreamer
   from dreamer_tf.agent import Dreamer
@@ -67,13 +66,7 @@ def measure(precision, batch_size, batch_length, steps, strategy='default',
   config = apply_settings(dreamer.define_config(), settings)
   config.precision = precision
   agent = Dreamer(config, ACT_DIM, strategy=strategy_object)
-  rng = np.random.default_rng(0)
-  shape = (batch_size, batch_length)
-  data = dict(
-      image=tf.constant(rng.integers(0, 256, shape + (64, 64, 3)), tf.uint8),
-      action=tf.constant(rng.uniform(-1, 1, shape + (ACT_DIM,)), tf.float32),
-      reward=tf.constant(rng.normal(size=shape), tf.float32),
-      discount=tf.ones(shape, tf.float32))
+  data = random_batch(batch_size, batch_length)
   start = time.perf_counter()
   agent.train(data)['model_loss'].numpy()
   first = time.perf_counter() - start
@@ -324,12 +317,8 @@ def measure_replay(args):
           discount=np.ones(length, np.float32)))
     rows = []
     for bound in (0, args.replay_size):
-      command = [sys.executable, '-m', 'dreamer_tf.bench', '--child_replay',
-                 str(folder), '--replay_size', str(bound)]
-      result = subprocess.run(command, capture_output=True, text=True)
-      if result.returncode != 0:
-        sys.exit(f'bench: replay failed:\n{result.stderr[-2000:]}')
-      rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+      rows.append(run_json(['--child_replay', str(folder), '--replay_size',
+                            str(bound)], 'replay'))
   finally:
     shutil.rmtree(folder, ignore_errors=True)
   print(f'{"replay_size":>12}  {"episodes held":>13}  {"peak RSS MB":>11}')
