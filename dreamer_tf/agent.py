@@ -304,7 +304,12 @@ class Dreamer:
     their mean absolute gap (value_mean, return_mean, value_gap)."""
     c = self.config
     reward = self.reward(imag_feat).mode()
-    value = self.value(imag_feat).mode()
+    # One forward pass of the value head serves both losses. The actor's
+    # loss differentiates through `value` into the features; the value loss
+    # uses the copy whose gradient reaches the value head only, as the
+    # reference's separate value tape on the stopped features does.
+    value_dist, value_own = self.value.call_twice(imag_feat)
+    value = value_dist.mode()
     if self.pcont is not None:
       pcont = self.pcont(imag_feat).mean()
     else:
@@ -315,11 +320,8 @@ class Dreamer:
     weight = tf.stop_gradient(tf.math.cumprod(
         tf.concat([tf.ones_like(pcont[:1]), pcont[:-2]], 0), 0))
     actor_loss = -tf.reduce_mean(weight * returns)
-    # The value head sees the features without gradient, so the value loss
-    # reaches the value head only (the reference's separate value tape).
-    value_pred = self.value(tf.stop_gradient(imag_feat)[:-1])
     value_loss = -tf.reduce_mean(
-        weight * value_pred.log_prob(tf.stop_gradient(returns)))
+        weight * value_own[:-1].log_prob(tf.stop_gradient(returns)))
     if metrics is not None:
       value_now = tf.stop_gradient(value[:-1])
       returns_now = tf.stop_gradient(returns)

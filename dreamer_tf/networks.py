@@ -144,6 +144,46 @@ class MLP(layers.Layer):
       x = dense(x)
     return tf.cast(self.out(x), tf.float32)
 
+  def call_twice(self, x):
+    """`call(x)` computed once and returned twice, float32 [..., out]: as
+    is, and as a copy whose gradient reaches this MLP's weights but not `x`,
+    which is what `call(tf.stop_gradient(x))` gives, without a second
+    forward pass. The copy's backward pass is written out here from what
+    the forward pass keeps: each layer's input and pre-activation."""
+    dense = self.hidden + [self.out]
+    dtype = self.compute_dtype
+    h = tf.reshape(tf.cast(x, dtype), [-1, x.shape[-1]])
+    kept = []
+    for layer in dense:
+      z = bias_add(tf.matmul(h, tf.cast(layer.kernel, dtype)),
+                   tf.cast(layer.bias, dtype))
+      kept.append((tf.stop_gradient(h), tf.stop_gradient(z)))
+      h = layer.activation(z)
+    shape = tf.concat([tf.shape(x)[:-1], [h.shape[-1]]], 0)
+    out = tf.reshape(tf.cast(h, tf.float32), shape)
+
+    @tf.custom_gradient
+    def weights_only(*weights):
+      def grad(dy):
+        grads, d = [], tf.reshape(tf.cast(dy, dtype), [-1, dy.shape[-1]])
+        for i in reversed(range(len(dense))):
+          inputs, pre = kept[i]
+          with tf.GradientTape() as tape:
+            tape.watch(pre)
+            post = dense[i].activation(pre)
+          d = tape.gradient(post, pre, output_gradients=d)
+          kernel = weights[2 * i]
+          grads += [tf.reduce_sum(d, 0),
+                    tf.matmul(inputs, d, transpose_a=True)]
+          if i:
+            d = tf.matmul(d, tf.cast(kernel, dtype), transpose_b=True)
+        return [tf.cast(g, w.dtype) for g, w in zip(grads[::-1], weights)]
+      return tf.stop_gradient(out), grad
+
+    weights = [tf.convert_to_tensor(w) for layer in dense
+               for w in (layer.kernel, layer.bias)]
+    return out, weights_only(*weights)
+
 
 class DenseDecoder(MLP):
   """Features [..., F] -> distribution over `shape` (float32).
@@ -159,7 +199,15 @@ class DenseDecoder(MLP):
     self._dist = dist
 
   def call(self, features):
-    x = super().call(features)
+    return self._distribution(super().call(features), features)
+
+  def call_twice(self, features):
+    """`call(features)` computed once, as two distributions: the second's
+    gradient reaches this head's weights only (see `MLP.call_twice`)."""
+    outs = super().call_twice(features)
+    return tuple(self._distribution(x, features) for x in outs)
+
+  def _distribution(self, x, features):
     x = tf.reshape(x, tf.concat([tf.shape(features)[:-1], self._shape], 0))
     if self._dist == 'normal':
       return tfd.Independent(tfd.Normal(x, 1.0), len(self._shape))

@@ -339,6 +339,42 @@ def test_bfloat16_bias_gradients_match_float32(make, shape):
     assert error < 0.05, error
 
 
+@pytest.mark.parametrize('policy', ['float32', 'mixed_bfloat16',
+                                    'mixed_float16'])
+@pytest.mark.parametrize('act', ['elu', 'relu', 'tanh', 'swish', 'gelu',
+                                 'leaky_relu'])
+def test_value_head_run_once_serves_both_losses(policy, act):
+  # call_twice's second output must behave exactly like the head run again
+  # on stopped features (the reference's value tape): same values, the same
+  # weight gradients from TensorFlow's own autodiff, no feature gradient.
+  # Its first output must be the head itself, gradients included.
+  head = networks.DenseDecoder((), 3, 16, act=act, dtype=policy)
+  x = tf.random.normal([4, 5, 7], seed=3)
+  head(x)
+  scale = tf.random.normal([4, 5], seed=4)
+  loss = lambda y: tf.reduce_sum(scale * y + 0.3 * y ** 2)
+  sources = [x] + head.trainable_variables
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(x)
+    plain = head(x).mode()
+    stopped = head(tf.stop_gradient(x)).mode()
+    first, second = [d.mode() for d in head.call_twice(x)]
+    losses = [loss(y) for y in (plain, stopped, first, second)]
+  grads = [tape.gradient(value, sources) for value in losses]
+  rtol = 1e-5 if policy == 'float32' else 2e-2
+  for y in (first, second):
+    np.testing.assert_allclose(y.numpy(), plain.numpy(), rtol=rtol,
+                               atol=rtol)
+  assert grads[1][0] is None and grads[3][0] is None
+  for ours, exact in ((grads[2], grads[0]), (grads[3][1:], grads[1][1:])):
+    assert len(ours) == len(exact)
+    for a, b in zip(ours, exact):
+      scale_b = np.max(np.abs(b.numpy()))
+      assert scale_b > 0
+      np.testing.assert_allclose(a.numpy() / scale_b, b.numpy() / scale_b,
+                                 atol=rtol)
+
+
 @pytest.mark.parametrize('option', [dict(scan='loop'),
                                     dict(save_memory=True)])
 def test_speed_and_memory_options_give_the_same_step(option):
