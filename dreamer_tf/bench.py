@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -388,6 +389,9 @@ def compare(args, precisions):
     sys.exit(f'bench: --against {args.against!r} is not a commit of '
              f'{root}: {commit.stderr.strip()}')
   commit = commit.stdout.strip()
+  # A SIGTERM (a scheduler, `timeout`, kill) ends the comparison as Ctrl-C
+  # does: the running child is stopped and the worktree removed.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   worktree = pathlib.Path(tempfile.mkdtemp(prefix='bench-against-'))
   subprocess.run(['git', 'worktree', 'add', '--detach', str(worktree),
                   commit], cwd=root, check=True, capture_output=True)

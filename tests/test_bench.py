@@ -3,8 +3,10 @@ the timings themselves are never asserted)."""
 
 import json
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--batch_size', '2', '--batch_length', '4', '--steps', '1',
@@ -44,6 +46,25 @@ def test_against_compares_with_a_commit_in_a_temporary_worktree():
   after = subprocess.run(['git', 'worktree', 'list'], cwd=ROOT,
                          capture_output=True, text=True).stdout
   assert after == before          # The worktree is gone again.
+
+
+def test_against_stopped_by_sigterm_removes_its_worktree():
+  # A scheduler's or `timeout`'s SIGTERM must not leave a worktree behind.
+  worktrees = lambda: subprocess.run(
+      ['git', 'worktree', 'list'], cwd=ROOT, capture_output=True,
+      text=True).stdout
+  before = worktrees()
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'dreamer_tf.bench', *TINY, '--against', 'HEAD'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while 'bench-against-' not in worktrees():
+    assert process.poll() is None and time.time() < deadline
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 143 and 'Traceback' not in stderr, stderr
+  assert worktrees() == before
 
 
 def test_against_a_missing_commit_is_one_line():
