@@ -118,8 +118,10 @@ def describe(strategy, batch_size):
     names += f' on each of {count} workers, this is worker ' \
              f'{worker_index(strategy)}'
     kind = 'multi_worker'
-  share = batch_size // replicas(strategy)
-  return (f'{names} ({kind}: {replicas(strategy)} replicas, {share} '
+  count = replicas(strategy)
+  share = batch_size // count
+  plural = 's' if count > 1 else ''
+  return (f'{names} ({kind}: {count} replica{plural}, {share} '
           'sequences each)')
 
 

@@ -291,3 +291,10 @@ def test_parse_devices():
   assert distribute.parse_devices('') == []
   with pytest.raises(ValueError, match='twice'):
     distribute.parse_devices('CPU:0,cpu:0')
+
+
+def test_device_line_counts_replicas():
+  import tensorflow as tf
+  one = tf.distribute.MirroredStrategy(['CPU:0'])
+  assert distribute.describe(one, 50) == (
+      'CPU:0 (mirrored: 1 replica, 50 sequences each)')
