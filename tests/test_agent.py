@@ -375,13 +375,15 @@ def test_value_head_run_once_serves_both_losses(policy, act):
                                  atol=rtol)
 
 
-@pytest.mark.parametrize('option', [dict(scan='loop'),
-                                    dict(save_memory=True)])
+@pytest.mark.parametrize('option', [
+    dict(scan='loop', save_memory=False),
+    dict(scan='unrolled', save_memory=True),
+    dict(scan='loop', save_memory=True)])
 def test_speed_and_memory_options_give_the_same_step(option):
-  # --scan loop (tf.scan) against the reference's unrolled loops, which the
-  # golden tests check, and --save_memory (another schedule): same weights,
-  # batch and random draws, so the same losses and updated weights to float
-  # rounding.
+  # --scan loop (tf.scan) and --save_memory (another schedule) against the
+  # reference's unrolled loops and schedule, which the golden tests check:
+  # same weights, batch and random draws, so the same losses and updated
+  # weights to float rounding.
   config = tiny_config(free_nats=0.0)
   batch, length, act = 3, 6, 2
   data = random_batch(batch, length, act)
@@ -392,7 +394,8 @@ def test_speed_and_memory_options_give_the_same_step(option):
                 imag=(batch, length, config.horizon, config.stoch_size))
   noise = {k: tf.constant(rng.normal(size=v), tf.float32)
            for k, v in shapes.items()}
-  unrolled = agent_lib.Dreamer(config, act)
+  unrolled = agent_lib.Dreamer(
+      tiny_config(free_nats=0.0, scan='unrolled', save_memory=False), act)
   looped = agent_lib.Dreamer(tiny_config(free_nats=0.0, **option), act)
   for source, target in zip(unrolled.variables(), looped.variables()):
     target.assign(source)
