@@ -393,10 +393,10 @@ def compare(args, precisions):
   # does: the running child is stopped and the worktree removed.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   worktree = pathlib.Path(tempfile.mkdtemp(prefix='bench-against-'))
-  subprocess.run(['git', 'worktree', 'add', '--detach', str(worktree),
-                  commit], cwd=root, check=True, capture_output=True)
   rows = []
   try:
+    subprocess.run(['git', 'worktree', 'add', '--detach', str(worktree),
+                    commit], cwd=root, check=True, capture_output=True)
     for round_ in range(args.rounds):
       for precision in precisions:
         for label, cwd in (('new', root), ('old', worktree)):
@@ -406,8 +406,10 @@ def compare(args, precisions):
                          f'{label} precision {precision}', cwd=cwd)
           rows.append(dict(row, version=label, round=round_ + 1))
   finally:
-    subprocess.run(['git', 'worktree', 'remove', '--force', str(worktree)],
-                   cwd=root, capture_output=True)
+    # Also when stopped while git was still adding it (then it is locked).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    subprocess.run(['git', 'worktree', 'remove', '--force', '--force',
+                    str(worktree)], cwd=root, capture_output=True)
     shutil.rmtree(worktree, ignore_errors=True)
   print(f'this checkout (new) against {commit} (old), batch '
         f'{args.batch_size} x {args.batch_length}, median of {args.steps} '
