@@ -389,9 +389,6 @@ def compare(args, precisions):
     sys.exit(f'bench: --against {args.against!r} is not a commit of '
              f'{root}: {commit.stderr.strip()}')
   commit = commit.stdout.strip()
-  # A SIGTERM (a scheduler, `timeout`, kill) ends the comparison as Ctrl-C
-  # does: the running child is stopped and the worktree removed.
-  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   worktree = pathlib.Path(tempfile.mkdtemp(prefix='bench-against-'))
   rows = []
   try:
@@ -475,6 +472,10 @@ def main(argv=None):
                       help='the bound to compare with none (--replay)')
   parser.add_argument('--child_replay', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  # A SIGTERM (a scheduler, `timeout`, kill) ends every mode as Ctrl-C does:
+  # `finally` blocks run, so a running child benchmark is stopped, --against
+  # removes its worktree and --collect closes its environments.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   if args.child_replay:
     print(json.dumps(replay_child(args.child_replay, args.replay_size)))
     return
