@@ -6,15 +6,10 @@
 Every flag of `define_flags()` is a command-line flag; --help lists them.
 """
 
-import errno
-import functools
-import json
 import math
 import os
 import pathlib
-import random
 import re
-import shutil
 import signal
 import sys
 import time
@@ -28,7 +23,19 @@ import numpy as np
 # checked before TensorFlow loads (replay needs it only for datasets).
 import dreamer_tf
 import wrappers
-from dreamer_tf import distribute, doctor, flags, replay, rundir
+from dreamer_tf import (
+  checkpoint,
+  distribute,
+  doctor,
+  evaluate,
+  faults,
+  flags,
+  follower,
+  hardware,
+  progress,
+  replay,
+  rundir,
+)
 
 # TensorFlow is imported inside main() only: spawned environment workers may
 # import this module, and TensorFlow must never load next to EGL rendering.
@@ -277,164 +284,6 @@ def check_config(config):
     wrappers.check_rendering()
 
 
-def make_envs(config, train):
-  """Training environments (each env its own worker with --parallel
-  process) or the one evaluation environment."""
-  count = config.envs if train else 1
-  ctors = [functools.partial(
-      wrappers.make_env, config.task, action_repeat=config.action_repeat,
-      time_limit=config.time_limit, seed=config.seed + index + (
-          0 if train else 10_000), train=train) for index in range(count)]
-  return wrappers.Envs(ctors, config.parallel if train else 'none',
-                       timeout=config.env_timeout)
-
-
-def seed_everything(seed):
-  import tensorflow as tf
-  random.seed(seed)
-  np.random.seed(seed)
-  tf.random.set_seed(seed)
-
-
-def setup_tensorflow(config, strategy='default'):
-  """GPU memory growth and the tf.distribute strategy (None for
-  'default'), before any other TensorFlow work. Returns the strategy and
-  the line saying what the run computes on."""
-  import tensorflow as tf
-  gpus = tf.config.list_physical_devices('GPU')
-  if config.gpu_growth:
-    for gpu in gpus:
-      tf.config.experimental.set_memory_growth(gpu, True)
-  strategy = distribute.make_strategy(strategy, config.devices)
-  distribute.check_batch(distribute.replicas(strategy), config.batch_size)
-  return strategy, describe_devices(config, gpus, strategy)
-
-
-def describe_devices(config, gpus, strategy=None):
-  """One line: the devices and the dtype policy; on a machine with an
-  NVIDIA GPU that TensorFlow does not see, also how to fix that."""
-  from dreamer_tf import agent as agent_lib
-  policy = agent_lib.dtype_policy(config.precision, gpu=bool(gpus))
-  if strategy is None:
-    names = ', '.join(gpu.name.replace('/physical_device:', '')
-                      for gpu in gpus) or 'CPU'
-  else:
-    names = distribute.describe(strategy, config.batch_size)
-  line = f'Devices: {names}; dtype policy {policy}.'
-  if not gpus and shutil.which('nvidia-smi'):
-    line += (' This machine has an NVIDIA GPU (nvidia-smi) but TensorFlow '
-             'sees none: pip install "tensorflow[and-cuda]==2.21.0" brings '
-             'the CUDA libraries (README, "GPUs").')
-  return line
-
-
-class Checkpointer:
-  """The agent's weights, its three optimizers' states and the step counter
-  in <logdir>/checkpoints; the last 2 are kept. TensorFlow writes each under
-  a temporary name and renames it, so a crash never leaves half of one; the
-  run's owner (`owner=True`) removes the temporary folders a killed save
-  leaves behind."""
-
-  def __init__(self, agent, logdir, owner=False):
-    import tensorflow as tf
-    self._tf = tf
-    self._directory = pathlib.Path(logdir) / 'checkpoints'
-    if owner:
-      for leftover in self._directory.glob('*_temp'):
-        shutil.rmtree(leftover, ignore_errors=True)
-    self._step = tf.Variable(0, dtype=tf.int64, name='step')
-    self._checkpoint = tf.train.Checkpoint(
-        step=self._step, **agent.checkpoint_items())
-    self._manager = self._make_manager()
-
-  def _make_manager(self):
-    return self._tf.train.CheckpointManager(
-        self._checkpoint, self._directory, max_to_keep=2)
-
-  @property
-  def latest(self):
-    return self._manager.latest_checkpoint
-
-  @property
-  def step(self):
-    return int(self._step)
-
-  def restore(self):
-    """Loads the newest checkpoint that can be read; False if there is none.
-    An unreadable one (truncated, deleted data) is skipped with a warning
-    naming it, for the one before it; none readable is a ValueError, and so
-    is a checkpoint of another task or model size."""
-    paths = list(reversed(self._manager.checkpoints))
-    for index, path in enumerate(paths):
-      try:
-        self._checkpoint.restore(path).assert_existing_objects_matched()
-      except (ValueError, AssertionError) as error:
-        first = str(error).strip().splitlines()[0][:200]
-        raise ValueError(
-            f'the checkpoint {path} does not fit this task and model '
-            f'(another task, action space or size?): {first}') from None
-      except Exception as error:  # Truncated or missing files.
-        first = (str(error).strip().splitlines() or [''])[0][:200]
-        say(f'Warning: cannot read the checkpoint {path} '
-            f'({type(error).__name__}: {first})' +
-            ('; trying the one before it.' if index + 1 < len(paths) else '.'))
-        continue
-      if index:  # Forget the unreadable newer ones: they will be replaced.
-        self._tf.compat.v1.train.update_checkpoint_state(
-            str(self._directory), path, all_model_checkpoint_paths=[path])
-        self._manager = self._make_manager()
-      return True
-    if paths:
-      raise ValueError(f'no checkpoint in {self._directory} can be read '
-                       '(see the warnings above): move the folder aside to '
-                       'start training afresh.')
-    return False
-
-  def save(self, step):
-    self._step.assign(step)
-    return self._manager.save()
-
-
-class NonFinite(RuntimeError):
-  """A non-finite loss or action stops the run. `weights_ok`: the weights
-  are still good (a non-finite update is never applied) and are saved; after
-  a non-finite action they may not be, and nothing is saved."""
-
-  def __init__(self, message, weights_ok=False):
-    super().__init__(message)
-    self.weights_ok = weights_ok
-
-
-# Metrics that must be finite after every update.
-FINITE = ('model_loss', 'actor_loss', 'value_loss')
-
-
-def non_finite(metrics):
-  """The names of FINITE whose value in `metrics` is NaN or infinite."""
-  return [k for k in FINITE if k in metrics and
-          not np.isfinite(float(metrics[k]))]
-
-
-def finite_actions(actions, step=None):
-  """The actions as an array; NonFinite if any is NaN or infinite (MuJoCo
-  would crash the worker on it)."""
-  actions = np.asarray(actions)
-  if not np.all(np.isfinite(actions)):
-    where = '' if step is None else f' at step {step}'
-    raise NonFinite(
-        f'the policy produced a non-finite action{where} '
-        f'({actions.tolist()}); it was not sent to the environment. The '
-        'weights or the observations hold NaN: resume from the last good '
-        'checkpoint with lower learning rates.')
-  return actions
-
-
-def episode_spec(envs):
-  """Trailing shapes every stored episode of these environments has."""
-  return dict(image=tuple(envs.observation_space['image'].shape),
-              action=tuple(envs.action_space.shape))
-
-
 def expl_amount(config, step):
   """Exploration amount at environment step `step`: expl_amount *
   0.5 ** (step / expl_decay) when expl_decay > 0, never below expl_min."""
@@ -474,7 +323,8 @@ class Run:
     self._make_dataset, self._dataset = dataset, None
     # Only valid episodes of this run count; others move to rejected/.
     self.step = replay.check_episodes(
-        self.datadir, c.action_repeat, episode_spec(train_envs), say)
+        self.datadir, c.action_repeat, replay.episode_spec(train_envs),
+        progress.say)
     self.restored = self.checkpoint.restore()
     self.team = team
     if team:  # The other workers start from the chief's (restored) weights.
@@ -494,7 +344,7 @@ class Run:
     self._state = None
     self._last_log = (self.step, time.time())
     self._nan_steps = 0
-    self._overall = overall_progress(self.step, c.steps, disable=True)
+    self._overall = progress.overall(self.step, c.steps, disable=True)
     self._watcher = doctor.Watcher(vars(c))
 
   def close(self):
@@ -513,7 +363,7 @@ class Run:
     elif self.step:
       print(f'Continuing at step {self.step} from the stored episodes and '
             'logs (no checkpoint yet: the model starts afresh).')
-    self._overall = overall_progress(self.step, c.steps)
+    self._overall = progress.overall(self.step, c.steps)
     try:
       if self.step < c.prefill:
         self.prefill(c.prefill - self.step)
@@ -540,12 +390,12 @@ class Run:
     def policy(images, reset, state):
       amount = expl_amount(self.config, self.step)
       actions, state = self.policy(images, reset, state, True, amount)
-      return finite_actions(actions, self.step), state
+      return faults.finite_actions(actions, self.step), state
     self._collect(policy, steps, 'collect', before_step=self.train_if_due)
 
   def evaluate(self):
     """One evaluation episode: the policy's mode, `eval_noise` exploration."""
-    episodes = run_episodes(self.policy, self.eval_env, 1, self.config)
+    episodes = evaluate.run_episodes(self.policy, self.eval_env, 1, self.config)
     self._log_episode('test', episodes[0])
     self.logger.video('test/policy', episodes[0]['image'])
     self._flush_logs()
@@ -560,7 +410,7 @@ class Run:
     first = self.agent.updates == 0
     count = c.pretrain if first else c.train_steps
     dataset = self.dataset()
-    for _ in progress(range(count), 'pretrain' if first else 'update',
+    for _ in progress.bar(range(count), 'pretrain' if first else 'update',
                       'update'):
       self._overall.refresh()  # Keep its elapsed time and estimate current.
       batch = next(dataset)
@@ -568,7 +418,7 @@ class Run:
         metrics = self.team.step(self.agent.train, batch)
       else:
         metrics = self.agent.train(batch)
-      bad = non_finite(metrics)
+      bad = faults.non_finite(metrics)
       if bad:
         self._non_finite(batch, {k: float(metrics[k]) for k in bad})
         continue
@@ -592,21 +442,8 @@ class Run:
       return
     if self.team:  # The other workers saw the same losses and stopped.
       self.team.stopped = True
-    folder = self.logdir / 'nan'
-    folder.mkdir(exist_ok=True)
-    path = folder / f'batch-{self.step}.npz'
-    np.savez_compressed(path, **{k: np.asarray(v) for k, v in batch.items()})
-    info = dict(step=self.step, losses=losses, batch=path.name,
-                last_checkpoint=self.checkpoint.latest,
-                last_checkpoint_step=self.checkpoint.step)
-    (folder / f'info-{self.step}.json').write_text(json.dumps(info, indent=2))
-    names = ', '.join(f'{k} = {v}' for k, v in losses.items())
-    raise NonFinite(
-        f'{names} at step {self.step}: stopped; the batch is in {path}, the '
-        'weights (the bad update was not applied) are saved, the checkpoint '
-        f'before was {self.checkpoint.latest} (step {self.checkpoint.step}). '
-        'Lower the learning rates, or pass --on_nan skip to skip such '
-        'updates.', weights_ok=True)
+    raise faults.keep_nan_batch(
+        self.logdir, self.step, batch, losses, self.checkpoint)
 
   def dataset(self):
     if self._dataset is None:
@@ -616,7 +453,7 @@ class Run:
   def save(self):
     self._write_logs()
     path = self.checkpoint.save(self.step)
-    say(f'Saved {path} at step {self.step}.')
+    progress.say(f'Saved {path} at step {self.step}.')
 
   # --- Helpers. ---
 
@@ -624,7 +461,7 @@ class Run:
     """Steps the training envs for `steps` env steps, storing episodes."""
     import tools
     repeat = self.config.action_repeat
-    bar = progress(None, desc, 'step', total=steps)
+    bar = progress.bar(None, desc, 'step', total=steps)
     def on_episode(index, episode):
       replay.save_episode(self.datadir, episode)
       self._log_episode('train', episode)
@@ -648,7 +485,7 @@ class Run:
       # Entry 0 is the reset (no action taken).
       saturated = np.abs(episode['action'][1:]) > doctor.SATURATED
       self.logger.scalar(f'{prefix}/action_sat', float(np.mean(saturated)))
-    say(f'[{self.step}] {prefix}/return {score:.1f} ({length} steps)')
+    progress.say(f'[{self.step}] {prefix}/return {score:.1f} ({length} steps)')
 
   def _write_logs(self):
     last_step, last_time = self._last_log
@@ -665,7 +502,7 @@ class Run:
     if scalars:
       self._history.append(dict(step=self.step, **scalars))
       for line in self._watcher.update(self._history, self.step):
-        say(line)
+        progress.say(line)
 
 
 def make_run(config, strategy=None):
@@ -677,10 +514,10 @@ def make_run(config, strategy=None):
   from dreamer_tf import agent as agent_lib
   logdir = pathlib.Path(config.logdir).expanduser()
   (logdir / 'episodes').mkdir(parents=True, exist_ok=True)
-  train_envs = make_envs(config, train=True)
+  train_envs = wrappers.make_envs(config, train=True)
   eval_env = None
   try:
-    eval_env = make_envs(config, train=False)
+    eval_env = wrappers.make_envs(config, train=False)
     agent = agent_lib.Dreamer(
         config, train_envs.action_space.shape[0], strategy=strategy)
   except BaseException:
@@ -694,138 +531,11 @@ def make_run(config, strategy=None):
   return Run(
       config, agent=agent, policy=agent_lib.Policy(agent),
       train_envs=train_envs, eval_env=eval_env,
-      checkpoint=Checkpointer(agent, logdir, owner=True),
+      checkpoint=checkpoint.Checkpointer(agent, logdir, owner=True),
       logger=tools.Logger(logdir),
-      dataset=make_dataset(config, episode_spec(train_envs), strategy),
+      dataset=distribute.worker_dataset(
+          config, replay.episode_spec(train_envs), strategy),
       team=team)
-
-
-def make_dataset(config, spec, strategy=None):
-  """`() -> tf.data.Dataset` of this worker's training batches: its share
-  of --batch_size (all of it without multi_worker), sampled with a seed of
-  its own, from the newest --replay_size steps of <logdir>/episodes."""
-  index = distribute.worker_index(strategy)
-  return functools.partial(
-      replay.make_dataset,
-      pathlib.Path(config.logdir).expanduser() / 'episodes',
-      config.batch_size // distribute.workers(strategy),
-      config.batch_length, config.dataset_balance, config.seed + index,
-      spec=spec, capacity=replay.agent_steps(
-          config.replay_size, config.action_repeat))
-
-
-def follow(config, strategy):
-  """A worker of --strategy multi_worker other than the chief: takes each
-  train step with the chief, on its share of the batch sampled from the
-  shared <logdir>/episodes, until the chief says the run is over. It writes
-  nothing. Returns the exit status (3 when the losses became non-finite
-  with --on_nan stop, as on the chief)."""
-  from dreamer_tf import agent as agent_lib
-  probe = make_envs(config, train=False)  # Only for the spaces.
-  spec, act_dim = episode_spec(probe), probe.action_space.shape[0]
-  probe.close()
-  agent = agent_lib.Dreamer(config, act_dim, strategy=strategy)
-  team = distribute.Team(strategy)
-  team.share_weights(agent.variables())
-  print(f'Worker {distribute.worker_index(strategy)}: following the chief.')
-  import tensorflow as tf
-  dataset, status = None, 0
-  try:
-    for _ in team.orders():
-      dataset = dataset or iter(make_dataset(config, spec, strategy)())
-      metrics = agent.train(next(dataset))
-      bad = non_finite(metrics)
-      if bad and config.on_nan == 'stop':
-        print(f'Stopped: {", ".join(bad)} not finite, as on the chief.')
-        status = 3
-        break
-  except tf.errors.UnavailableError as error:
-    found = re.search(r'aborted by: (.+)|grpc_message:"([^"]+)"',
-                      error.message)
-    reason = next((g for g in found.groups() if g), '') if found else ''
-    reason = reason.strip()[:200] or type(error).__name__
-    print(f'dreamer.py: error: lost the other workers ({reason}). Start '
-          'every worker again to resume from the chief\'s last checkpoint.',
-          file=sys.stderr)
-    return 1
-  print(f'Worker {distribute.worker_index(strategy)}: {agent.updates} '
-        'updates; weights fingerprint '
-        f'{distribute.fingerprint(agent.weights())}.')
-  return status
-
-
-def run_episodes(policy, env, count, config):
-  """`count` evaluation episodes: the policy's mode, exploration only at
-  `eval_noise`. Returns the episodes (dicts of arrays, all frames)."""
-  import tools
-  episodes = []
-  bar = progress(None, 'eval', 'episode', total=count)
-  def act(images, reset, state):
-    actions, state = policy(images, reset, state, False, config.eval_noise)
-    return finite_actions(actions), state
-  def on_episode(index, episode):
-    episodes.append(episode)
-    bar.update(1)
-  tools.simulate(act, env, episodes=count, on_episode=on_episode)
-  bar.close()
-  return episodes
-
-
-def say(text):
-  """Prints a line above the progress bars (plainly when there are none)."""
-  import tqdm
-  tqdm.tqdm.write(text, file=sys.stdout)
-
-
-def progress(iterable, desc, unit, total=None):
-  """A tqdm bar of one phase (prefill, train, eval, ...) on an interactive
-  terminal; silent in logs and tests."""
-  import tqdm
-  return tqdm.tqdm(iterable, desc=desc, unit=unit, total=total, leave=False,
-                   dynamic_ncols=True, disable=None, file=sys.stdout)
-
-
-def overall_progress(step, steps, disable=None):
-  """The whole run's line, kept above the phase bars on an interactive
-  terminal: environment steps done of `steps`, the rate and the time to the
-  end. Rate and estimate average over this process only (smoothing=0), so a
-  resumed run counts from the step it resumed at; training pauses between
-  collection count in, so the estimate includes them."""
-  import tqdm
-  return tqdm.tqdm(
-      desc='run', unit='step', total=steps, initial=step, leave=False,
-      dynamic_ncols=True, disable=disable, file=sys.stdout, smoothing=0,
-      bar_format='{desc} {n_fmt}/{total_fmt} env steps {percentage:3.0f}%'
-                 '|{bar}| {rate_fmt}, {elapsed} elapsed, {remaining} left')
-
-
-def evaluate_checkpoint(config):
-  """--mode eval: N episodes of the saved policy; prints mean and std and
-  writes <logdir>/eval/returns.json and eval/episode_0.mp4."""
-  import tools
-  from dreamer_tf import agent as agent_lib
-  logdir = pathlib.Path(config.logdir).expanduser()
-  env = make_envs(config, train=False)
-  try:
-    agent = agent_lib.Dreamer(config, env.action_space.shape[0])
-    checkpoint = Checkpointer(agent, logdir)
-    checkpoint.restore()
-    episodes = run_episodes(
-        agent_lib.Policy(agent), env, config.eval_episodes, config)
-  finally:
-    env.close()
-  returns = [float(e['reward'].sum()) for e in episodes]
-  result = dict(step=checkpoint.step, returns=returns,
-                mean=float(np.mean(returns)), std=float(np.std(returns)))
-  outdir = logdir / 'eval'
-  outdir.mkdir(exist_ok=True)
-  (outdir / 'returns.json').write_text(json.dumps(result, indent=2) + '\n')
-  video = tools.write_video(outdir / 'episode_0.mp4', episodes[0]['image'])
-  print(f'{config.task} at step {result["step"]}: return {result["mean"]:.1f}'
-        f' +- {result["std"]:.1f} over {len(returns)} episodes '
-        f'(min {min(returns):.1f}, max {max(returns):.1f}).')
-  print(f'Wrote {outdir / "returns.json"} and {video}.')
-  return result
 
 
 def _raise_interrupt(signum, frame):
@@ -839,10 +549,10 @@ def train(config):
   if config.strategy == 'multi_worker' and \
       distribute.read_tf_config()['task']['index'] != 0:
     dreamer_tf.quiet_tensorflow()
-    strategy, devices = setup_tensorflow(config, config.strategy)
-    seed_everything(config.seed)
+    strategy, devices = hardware.setup_tensorflow(config, config.strategy)
+    hardware.seed_everything(config.seed)
     print(devices)
-    return follow(config, strategy)
+    return follower.follow(config, strategy)
   logdir = pathlib.Path(config.logdir).expanduser()
   if logdir.exists() and not logdir.is_dir():
     raise rundir.LogdirError(f'--logdir {logdir} is a file, not a folder.')
@@ -858,8 +568,8 @@ def train(config):
       print(notice)
     changes = rundir.check_rerun(logdir, config)
     dreamer_tf.quiet_tensorflow()  # The flags are fine: now load TensorFlow.
-    strategy, devices = setup_tensorflow(config, config.strategy)
-    seed_everything(config.seed)
+    strategy, devices = hardware.setup_tensorflow(config, config.strategy)
+    hardware.seed_everything(config.seed)
     print(f'Logdir {logdir}, task {config.task}.')
     print(devices)
     run = make_run(config, strategy)  # Fails on a checkpoint that won't fit.
@@ -879,68 +589,18 @@ def train(config):
       print(f'Interrupted at step {run.step}: saving a checkpoint.')
       run.save()
       return 130
-    except NonFinite as error:
+    except faults.NonFinite as error:
       if error.weights_ok:
         run.save()
       print(f'dreamer.py: error: {error}', file=sys.stderr)
       return 3
     except Exception as error:  # A dead worker, a full disk, a bug.
-      return _crashed(run, logdir, error)
+      return faults.crashed(run, logdir, error)
     finally:
       run.close()
     return 0
   finally:
     lock.release()
-
-
-def _crashed(run, logdir, error):
-  """Keeps the training since the last save, writes the traceback to
-  <logdir>/crash.log and says both in one line."""
-  import traceback
-  text = ''.join(traceback.format_exception(error))
-  saved = ''
-  try:
-    run.save()
-    saved = f'saved a checkpoint at step {run.step}; '
-  except Exception as save_error:  # E.g. the disk is full.
-    reason = _describe(save_error, logdir)
-    saved = f'could not save a checkpoint: {reason}; '
-  try:
-    (logdir / 'crash.log').write_text(text)
-    where = f'traceback in {logdir / "crash.log"}'
-  except OSError:
-    where = 'traceback not written'
-  print(f'dreamer.py: error: {_describe(error, logdir)} ({saved}{where}).',
-        file=sys.stderr)
-  return 1
-
-
-def _describe(error, logdir):
-  """One line for an exception; a full disk (an OSError, or TensorFlow's
-  error when saving) as `no space left on <device> writing <file>`."""
-  text = str(error).strip()
-  full = re.search(r'(/\S+?)(?:\.tempstate\d+)?; No space left on device',
-                   text)
-  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-    name = error.filename
-  elif full:
-    # TensorFlow writes a checkpoint into <name>_temp/ first.
-    name = re.sub(r'_temp/.*$', '', full.group(1))
-  else:
-    first = text.splitlines()[0] if text else ''
-    return f'{type(error).__name__}: {first}'
-  device = _device_of(pathlib.Path(name or logdir))
-  return f'no space left on {device} writing {name or "a file"}'
-
-
-def _device_of(path):
-  """The mount point holding `path` (what `df` would name)."""
-  path = path.absolute()
-  while not path.exists() or not os.path.ismount(path):
-    if path.parent == path:
-      break
-    path = path.parent
-  return str(path)
 
 
 def main(argv=None):
@@ -952,9 +612,9 @@ def main(argv=None):
   try:
     if config.mode == 'eval':
       dreamer_tf.quiet_tensorflow()
-      print(setup_tensorflow(config)[1])  # On one device.
-      seed_everything(config.seed)
-      return evaluate_checkpoint(config)
+      print(hardware.setup_tensorflow(config)[1])  # On one device.
+      hardware.seed_everything(config.seed)
+      return evaluate.evaluate_checkpoint(config)
     status = train(config)
   except KeyboardInterrupt:  # During start-up: nothing to save yet.
     print('Interrupted.', file=sys.stderr)

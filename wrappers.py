@@ -3,7 +3,8 @@ and the worker processes that run them.
 
 This module never imports TensorFlow, directly or indirectly: MuJoCo's EGL
 rendering and TensorFlow segfault in one process (docs/design.md section 2).
-Build environments with `make_env` and run them through `Envs`, which starts
+Build environments with `make_env` (a run's with `make_envs`) and run
+them through `Envs`, which starts
 every environment in a `spawn`ed worker process, also with `parallel='none'`.
 
 All environments use the old gym-style API: `reset() -> obs` and
@@ -16,6 +17,7 @@ import atexit
 import builtins
 import contextlib
 import ctypes.util
+import functools
 import multiprocessing
 import os
 import pickle
@@ -445,6 +447,20 @@ def make_env(task, *, action_repeat=2, time_limit=1000, size=(64, 64), seed=0,
   env = TimeLimit(env, replay.agent_steps(time_limit, action_repeat))
   env = Collect(env)
   return RewardObs(env)
+
+
+def make_envs(config, train):
+  """The run's training environments (`config.envs`, each in a worker of its
+  own with --parallel process) or its one evaluation environment, as
+  `Envs`; seeds differ per environment and between training and
+  evaluation."""
+  count = config.envs if train else 1
+  ctors = [functools.partial(
+      make_env, config.task, action_repeat=config.action_repeat,
+      time_limit=config.time_limit, seed=config.seed + index + (
+          0 if train else 10_000), train=train) for index in range(count)]
+  return Envs(ctors, config.parallel if train else 'none',
+              timeout=config.env_timeout)
 
 
 def random_action(space, rng=None):

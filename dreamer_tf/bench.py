@@ -252,7 +252,7 @@ def measure_collection(args):
   config = dreamer.define_config()
   config.task, config.envs = args.task, args.envs
   config.parallel = args.parallel
-  envs = dreamer.make_envs(config, train=True)
+  envs = wrappers.make_envs(config, train=True)
   rng = np.random.default_rng(0)
   space = envs.action_space
   agent = agent_lib.Dreamer(config, space.shape[0])

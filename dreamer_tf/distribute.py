@@ -17,9 +17,11 @@ weights after a resume.
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
+import pathlib
 import re
 import signal
 import sys
@@ -146,6 +148,21 @@ def is_chief(strategy):
 def replicas(strategy):
   """Replicas in sync: devices over all workers (1 without a strategy)."""
   return 1 if strategy is None else strategy.num_replicas_in_sync
+
+
+def worker_dataset(config, spec, strategy=None):
+  """`() -> tf.data.Dataset` of this worker's training batches: its share
+  of --batch_size (all of it without multi_worker), sampled with a seed of
+  its own, from the newest --replay_size steps of <logdir>/episodes."""
+  from dreamer_tf import replay
+  index = worker_index(strategy)
+  return functools.partial(
+      replay.make_dataset,
+      pathlib.Path(config.logdir).expanduser() / 'episodes',
+      config.batch_size // workers(strategy),
+      config.batch_length, config.dataset_balance, config.seed + index,
+      spec=spec, capacity=replay.agent_steps(
+          config.replay_size, config.action_repeat))
 
 
 def check_batch(replicas, batch_size):

@@ -75,6 +75,13 @@ def max_length(time_limit, action_repeat):
   return agent_steps(time_limit, action_repeat) + 1
 
 
+def episode_spec(envs):
+  """{key: trailing shape} that every stored episode of these environments
+  (a `wrappers.Envs`) has: the `spec` of the readers below."""
+  return dict(image=tuple(envs.observation_space['image'].shape),
+              action=tuple(envs.action_space.shape))
+
+
 def _length_from_name(path):
   """Episode length encoded in a file name, or None if it has none."""
   match = _LENGTH_RE.search(pathlib.Path(path).name)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import dreamer
-from dreamer_tf import flags
+from dreamer_tf import flags, hardware
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -96,13 +96,13 @@ def test_expl_amount_halves_every_decay_and_has_a_floor():
 def test_the_device_line_says_how_to_get_a_gpu_seen(monkeypatch):
   import shutil
   config = dreamer.define_config()
-  line = dreamer.describe_devices(config, [])
+  line = hardware.describe_devices(config, [])
   assert line.startswith('Devices: CPU; dtype policy mixed_bfloat16.')
   monkeypatch.setattr(shutil, 'which', lambda name: '/usr/bin/' + name)
-  line = dreamer.describe_devices(config, [])
+  line = hardware.describe_devices(config, [])
   assert 'NVIDIA GPU' in line and 'tensorflow[and-cuda]==2.21.0' in line
 
   class FakeGPU:
     name = '/physical_device:GPU:0'
-  line = dreamer.describe_devices(config, [FakeGPU()])
+  line = hardware.describe_devices(config, [FakeGPU()])
   assert line == 'Devices: GPU:0; dtype policy mixed_float16.'

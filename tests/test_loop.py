@@ -10,7 +10,7 @@ import numpy as np
 
 import dreamer
 import wrappers
-from dreamer_tf import replay
+from dreamer_tf import faults, replay
 
 IMAGE = (8, 8, 3)
 
@@ -312,7 +312,7 @@ def test_a_nan_loss_stops_and_keeps_the_batch(tmp_path):
 
   import pytest
   run = make_fake_run(config_for(tmp_path), {'model_loss': math.nan})
-  with pytest.raises(dreamer.NonFinite, match='model_loss = nan at step 500'):
+  with pytest.raises(faults.NonFinite, match='model_loss = nan at step 500'):
     run.train_loop()
   with np.load(tmp_path / 'nan' / 'batch-500.npz') as batch:
     assert batch['image'].shape == (10,) + IMAGE
@@ -342,7 +342,7 @@ def test_a_non_finite_action_never_reaches_the_environment(tmp_path):
   def nan_policy(images, reset, state, training, amount):
     return np.full((len(images), 1), np.nan, np.float32), state
   run.policy = nan_policy
-  with pytest.raises(dreamer.NonFinite, match='non-finite action'):
+  with pytest.raises(faults.NonFinite, match='non-finite action'):
     run.train_loop()
   assert all(np.all(np.isfinite(a)) for actions in sent for a in actions)
 
@@ -372,7 +372,7 @@ def test_a_full_disk_is_one_line_after_keeping_the_last_state(tmp_path,
   def full(step):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
   run.logger.write = full
-  status = dreamer._crashed(run, tmp_path, OSError(
+  status = faults.crashed(run, tmp_path, OSError(
       errno.ENOSPC, os.strerror(errno.ENOSPC), path))
   err = capsys.readouterr().err.strip()
   assert status == 1 and len(err.splitlines()) == 1

@@ -16,6 +16,7 @@ import pytest
 
 import dreamer
 from dreamer_tf import rundir
+from dreamer_tf.checkpoint import Checkpointer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -163,7 +164,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
   from tiny import tiny_config
   agent = agent_lib.Dreamer(tiny_config(), 2)
   first = agent.encoder.trainable_variables[0].numpy()
-  checkpoint = dreamer.Checkpointer(agent, tmp_path, owner=True)
+  checkpoint = Checkpointer(agent, tmp_path, owner=True)
   checkpoint.save(100)
   variable = agent.encoder.trainable_variables[0]
   variable.assign(variable + 1.0)
@@ -175,7 +176,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
   (tmp_path / 'checkpoints' / 'ckpt-3_temp').mkdir()  # A killed save.
 
   fresh = agent_lib.Dreamer(tiny_config(), 2)
-  restored = dreamer.Checkpointer(fresh, tmp_path, owner=True)
+  restored = Checkpointer(fresh, tmp_path, owner=True)
   assert restored.restore() and restored.step == 100
   np.testing.assert_array_equal(
       fresh.encoder.trainable_variables[0].numpy(), first)
@@ -186,13 +187,13 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
   assert restored.latest.endswith('ckpt-1')
   # A new save goes after the good one and keeps it.
   restored.save(300)
-  again = dreamer.Checkpointer(agent_lib.Dreamer(tiny_config(), 2), tmp_path)
+  again = Checkpointer(agent_lib.Dreamer(tiny_config(), 2), tmp_path)
   assert again.restore() and again.step == 300
   # When none can be read: one clear error.
   for path in (tmp_path / 'checkpoints').glob('*.data-*'):
     path.write_bytes(b'')
   with pytest.raises(ValueError, match='can be read'):
-    dreamer.Checkpointer(agent_lib.Dreamer(tiny_config(), 2),
+    Checkpointer(agent_lib.Dreamer(tiny_config(), 2),
                          tmp_path).restore()
 
 
@@ -226,9 +227,9 @@ def test_a_resume_restores_the_optimizer_state_exactly(tmp_path):
   agent = agent_lib.Dreamer(tiny_config(), 2)
   for seed in range(3):
     agent.train(random_batch(seed=seed))
-  dreamer.Checkpointer(agent, tmp_path, owner=True).save(1234)
+  Checkpointer(agent, tmp_path, owner=True).save(1234)
   fresh = agent_lib.Dreamer(tiny_config(), 2)
-  checkpoint = dreamer.Checkpointer(fresh, tmp_path, owner=True)
+  checkpoint = Checkpointer(fresh, tmp_path, owner=True)
   assert checkpoint.restore() and checkpoint.step == 1234
   for name in ('model_opt', 'actor_opt', 'value_opt'):
     saved, restored = getattr(agent, name), getattr(fresh, name)
@@ -339,7 +340,7 @@ def test_two_steps_after_a_resume_equal_two_steps_without_it(tmp_path):
     agent = agent_lib.Dreamer(tiny_config(), 2)
     for seed in range(2):
       agent.train(random_batch(seed=seed))
-    dreamer.Checkpointer(agent, tmp_path, owner=True).save(100)
+    Checkpointer(agent, tmp_path, owner=True).save(100)
     def two_steps(dreamer_agent):
       tf.random.set_seed(7)
       for seed in (10, 11):
@@ -350,7 +351,7 @@ def test_two_steps_after_a_resume_equal_two_steps_without_it(tmp_path):
               for v in opt.variables]
     uninterrupted = two_steps(agent)
     resumed = agent_lib.Dreamer(tiny_config(), 2)
-    assert dreamer.Checkpointer(resumed, tmp_path).restore()
+    assert Checkpointer(resumed, tmp_path).restore()
     after_resume = two_steps(resumed)
   finally:
     tf.config.run_functions_eagerly(False)

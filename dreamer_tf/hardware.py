@@ -1,0 +1,48 @@
+"""Before any other TensorFlow work: the seeds, GPU memory growth, the
+tf.distribute strategy and the line saying what the run computes on."""
+
+import random
+import shutil
+
+import numpy as np
+
+from dreamer_tf import distribute
+
+
+def seed_everything(seed):
+  import tensorflow as tf
+  random.seed(seed)
+  np.random.seed(seed)
+  tf.random.set_seed(seed)
+
+
+def setup_tensorflow(config, strategy='default'):
+  """GPU memory growth and the tf.distribute strategy (None for
+  'default'), before any other TensorFlow work. Returns the strategy and
+  the line saying what the run computes on."""
+  import tensorflow as tf
+  gpus = tf.config.list_physical_devices('GPU')
+  if config.gpu_growth:
+    for gpu in gpus:
+      tf.config.experimental.set_memory_growth(gpu, True)
+  strategy = distribute.make_strategy(strategy, config.devices)
+  distribute.check_batch(distribute.replicas(strategy), config.batch_size)
+  return strategy, describe_devices(config, gpus, strategy)
+
+
+def describe_devices(config, gpus, strategy=None):
+  """One line: the devices and the dtype policy; on a machine with an
+  NVIDIA GPU that TensorFlow does not see, also how to fix that."""
+  from dreamer_tf import agent as agent_lib
+  policy = agent_lib.dtype_policy(config.precision, gpu=bool(gpus))
+  if strategy is None:
+    names = ', '.join(gpu.name.replace('/physical_device:', '')
+                      for gpu in gpus) or 'CPU'
+  else:
+    names = distribute.describe(strategy, config.batch_size)
+  line = f'Devices: {names}; dtype policy {policy}.'
+  if not gpus and shutil.which('nvidia-smi'):
+    line += (' This machine has an NVIDIA GPU (nvidia-smi) but TensorFlow '
+             'sees none: pip install "tensorflow[and-cuda]==2.21.0" brings '
+             'the CUDA libraries (README, "GPUs").')
+  return line
