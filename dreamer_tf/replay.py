@@ -20,6 +20,17 @@ Step arithmetic lives here too, in one place: an episode of L entries took
 steps (an episode of `time_limit` frames has `agent_steps(time_limit,
 repeat)` agent steps, as the reference's float-valued time limit gives).
 
+With a replay bound (`capacity` agent steps), "newest" means newest by
+ARRIVAL: the order in which a reader first finds the files, reload after
+reload, kept as the insertion order of its cache dict. The names' times
+are not trusted for it (a clock behind after a resume on another node, a
+time-zone change or a copied file would let one name hide the episodes
+that come after it). Files found by the same reload arrive together and
+are ordered among themselves by modification time, then by name. The
+episodes held are the newest by arrival that fit in the bound (at least
+the newest one), and no file that arrived after a held episode is left
+unread (see `load_episodes` and `evict`).
+
 This module imports TensorFlow only inside `make_dataset`, so that the
 environment workers and flag checking can use it without TensorFlow.
 
@@ -155,64 +166,121 @@ def _read_episode(path):
   return _check_episode(episode)
 
 
-def load_episodes(directory, cache=None, min_length=0, spec=None,
-                  capacity=None):
-  """Load every episode file in `directory` that is not yet in `cache`.
-
-  `cache` maps file names (not full paths) to episodes; it is updated in
-  place and returned (a new dict if None). Files are read in sorted name
-  order. Episodes shorter than `min_length` are skipped; when the length
-  is in the file name they are skipped without reading the file.
-  Unreadable or truncated files are skipped with a warning naming the file
-  and are not retried until they change. Temporary `.tmp` files are never
-  read. Float arrays are returned as float32. A missing directory adds
-  nothing. With `spec` ({key: trailing shape}), episodes of other shapes
-  are moved to `rejected/` with a warning when they are loaded. With
-  `capacity` (agent steps), files are read newest first, and files older
-  than the newest held episode are not read once the cache holds
-  `capacity` steps: they are marked None (see `evict`), so memory never
-  holds much more than the bound.
-  """
-  cache = {} if cache is None else cache
-  directory = pathlib.Path(directory).expanduser()
-  if not directory.is_dir():
-    return cache
-  paths = sorted(directory.glob('*.npz'))
-  held = sum(len(e['image']) - 1 for e in cache.values() if e is not None)
-  newest = max((n for n, e in cache.items() if e is not None), default='')
-  if capacity:
-    paths = paths[::-1]
-  for path in paths:
+def _arrivals(directory, cache, min_length):
+  """The files of `directory` that arrive now: `*.npz` files not yet in
+  `cache`, not too short by their name, and not known to be unreadable in
+  their present state. A list of (path, marker), oldest first: by
+  modification time, then by name (the tie-break among files that arrive
+  together, see `load_episodes`)."""
+  found = []
+  for path in directory.glob('*.npz'):
     named_length = _length_from_name(path)
     if path.name in cache or (
         named_length is not None and named_length < min_length):
-      continue
-    if capacity and held >= capacity and path.name < newest:
-      cache[path.name] = None  # Older than what the bound keeps: not read.
       continue
     try:
       stat = path.stat()
     except OSError:
       continue  # Deleted since the glob.
     marker = (str(path), stat.st_size, stat.st_mtime_ns)
-    if marker in _UNREADABLE:
+    if marker not in _UNREADABLE:
+      found.append((stat.st_mtime_ns, path.name, path, marker))
+  found.sort(key=lambda item: item[:2])
+  return [(path, marker) for _, _, path, marker in found]
+
+
+def _load_new(path, marker, min_length, spec):
+  """The episode in `path`, or None if it is unreadable (warned about once
+  per marker), of another `spec` (moved to `rejected/`) or shorter than
+  `min_length`."""
+  try:
+    episode = _read_episode(path)
+  except _READ_ERRORS as error:
+    _UNREADABLE.add(marker)
+    warnings.warn(f'Skipping unreadable episode file {path}: '
+                  f'{type(error).__name__}: {error}', stacklevel=3)
+    return None
+  arrays = {k: (v.dtype, v.shape) for k, v in episode.items()}
+  reason = _mismatch(arrays, spec)
+  if reason:
+    reject(path, reason, stacklevel=4)
+    return None
+  return episode if len(episode['image']) >= min_length else None
+
+
+def load_episodes(directory, cache=None, min_length=0, spec=None,
+                  capacity=None):
+  """Load the episode files in `directory` that are not yet in `cache`.
+
+  `cache` maps file names (not full paths) to episodes, in the order the
+  episodes arrived (oldest first; see the module docstring): it is updated
+  in place and returned (a new dict if None). Episodes shorter than
+  `min_length` are skipped; when the length is in the file name they are
+  skipped without reading the file. Unreadable or truncated files are
+  skipped with a warning naming the file and are not retried until they
+  change. Temporary `.tmp` files are never read. Float arrays are returned
+  as float32. A missing directory adds nothing. With `spec` ({key:
+  trailing shape}), episodes of other shapes are moved to `rejected/` with
+  a warning when they are loaded.
+
+  The files found by one call arrive together, after everything already in
+  `cache`; among themselves they are ordered by modification time, then by
+  name (the time at the start of the name, then the random part), which
+  is the order they were written in when clocks agree.
+
+  With `capacity` (agent steps), the cache afterwards holds what `evict`
+  keeps: the newest episodes by arrival whose steps fit in `capacity`, at
+  least the newest one. The new files are read newest first, and older
+  held episodes are dropped (set to None) as soon as newer ones take their
+  room. The first new episode that does not fit (judged by the length in
+  its name, or once read if the name has none) and every older new file
+  are marked None without being kept or read (the files stay on disk). So
+  memory never holds more than the bound plus the episode being read, even
+  when a resumed run finds a large folder of old episodes; and nothing
+  newer than a held episode is ever marked None.
+  """
+  cache = {} if cache is None else cache
+  directory = pathlib.Path(directory).expanduser()
+  if not directory.is_dir():
+    return cache
+  arrivals = _arrivals(directory, cache, min_length)
+  if not capacity:
+    for path, marker in arrivals:
+      episode = _load_new(path, marker, min_length, spec)
+      if episode is not None:
+        cache[path.name] = episode
+    return cache
+  # Held episodes from earlier calls, oldest first, with their steps.
+  older = [(name, len(episode['image']) - 1)
+           for name, episode in cache.items() if episode is not None]
+  older_steps, dropped = sum(steps for _, steps in older), 0
+  new = {}  # Name -> episode or None, newest first.
+  new_steps, held, full = 0, False, False
+  for path, marker in reversed(arrivals):
+    named_length = _length_from_name(path)
+    full = full or held and named_length is not None and (
+        new_steps + max(named_length - 1, 0) > capacity)
+    if full:
+      new[path.name] = None  # It or a newer one does not fit: not read.
       continue
-    try:
-      episode = _read_episode(path)
-    except _READ_ERRORS as error:
-      _UNREADABLE.add(marker)
-      warnings.warn(f'Skipping unreadable episode file {path}: '
-                    f'{type(error).__name__}: {error}', stacklevel=2)
+    episode = _load_new(path, marker, min_length, spec)
+    if episode is None:
       continue
-    arrays = {k: (v.dtype, v.shape) for k, v in episode.items()}
-    reason = _mismatch(arrays, spec)
-    if reason:
-      reject(path, reason)
+    steps = len(episode['image']) - 1
+    if held and new_steps + steps > capacity:  # A name without a length.
+      new[path.name], full = None, True
       continue
-    if len(episode['image']) >= min_length:
-      cache[path.name] = episode
-      held += len(episode['image']) - 1
-      newest = max(newest, path.name)
+    new[path.name] = episode
+    held, new_steps = True, new_steps + steps
+    while dropped < len(older) and new_steps + older_steps > capacity:
+      name, steps = older[dropped]  # The oldest held goes first.
+      cache[name] = None
+      older_steps -= steps
+      dropped += 1
+  for name, _ in older[dropped:] if full else ():
+    cache[name] = None  # Older than a new file that did not fit.
+  for name in reversed(new):
+    cache[name] = new[name]
   return cache
 
 
@@ -263,8 +331,9 @@ def _mismatch(arrays, spec):
   return None
 
 
-def reject(path, reason, say=None):
-  """Moves `path` to `<its folder>/rejected/` and says why, in one line."""
+def reject(path, reason, say=None, stacklevel=3):
+  """Moves `path` to `<its folder>/rejected/` and says why, in one line
+  (with `say`, or as a warning `stacklevel` frames up)."""
   path = pathlib.Path(path)
   folder = path.parent / 'rejected'
   folder.mkdir(exist_ok=True)
@@ -274,7 +343,7 @@ def reject(path, reason, say=None):
   if say:
     say(text)
   else:
-    warnings.warn(text, stacklevel=3)
+    warnings.warn(text, stacklevel=stacklevel)
 
 
 def check_episodes(directory, action_repeat, spec=None, say=None):
@@ -321,14 +390,16 @@ def count_steps(directory, action_repeat):
 
 
 def evict(cache, capacity):
-  """Drops the oldest episodes of `cache` (by file name, which starts with
-  the time) until it holds at most `capacity` agent steps, always keeping
-  the newest one. A dropped name stays in the cache as None, so that it is
-  not loaded again; its file stays on disk. None or 0: keep everything."""
+  """Drops the oldest episodes of `cache` by arrival (its insertion order,
+  see `load_episodes`; not the file names, whose clock may be wrong) until
+  it holds at most `capacity` agent steps, always keeping the newest one.
+  What stays is the newest episodes that fit. A dropped name stays in the
+  cache as None, so that it is not loaded again; its file stays on disk.
+  None or 0: keep everything."""
   if not capacity:
     return
   held = [(name, len(episode['image']) - 1)
-          for name, episode in sorted(cache.items()) if episode is not None]
+          for name, episode in cache.items() if episode is not None]
   total = sum(steps for _, steps in held)
   for name, steps in held[:-1]:
     if total <= capacity:
@@ -340,7 +411,7 @@ def evict(cache, capacity):
 def _usable(directory, cache, length, timeout, poll=0.5, spec=None,
             capacity=None):
   """Sorted names of cached episodes >= `length` steps, after a reload and
-  the eviction of the oldest beyond `capacity` agent steps.
+  the eviction of the oldest (by arrival) beyond `capacity` agent steps.
 
   Polls `directory` until there is one, for up to `timeout` seconds, then
   raises RuntimeError.
@@ -380,8 +451,9 @@ def sample_windows(directory, length, balance=False, seed=None, *,
   every `reload_every` windows; this picks up episodes written after the
   generator started. Episodes whose trailing shapes differ from `spec`
   ({key: shape}) are moved to `rejected/` when loaded. With `capacity`,
-  only the newest episodes holding at most that many agent steps (plus
-  one episode) stay in memory (see `evict`). If no episode is long
+  only the newest episodes by arrival (the order the reloads first found
+  their files, see `load_episodes`) holding at most that many agent steps
+  (plus one episode) stay in memory (see `evict`). If no episode is long
   enough, it polls the directory for up to `timeout` seconds and then
   raises RuntimeError. With
   `directory=None` it samples only from the episodes already in `cache`.

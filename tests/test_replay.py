@@ -2,13 +2,18 @@
 
 import collections
 import itertools
+import os
 import pathlib
 import re
 import shutil
+import tempfile
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dreamer_tf import replay
 
@@ -321,3 +326,149 @@ def test_without_a_bound_everything_stays(tmp_path):
   cache = {}
   next(replay.sample_windows(tmp_path, 5, cache=cache, capacity=0))
   assert all(e is not None for e in cache.values()) and len(cache) == 4
+
+
+# The replay bound keeps the newest episodes by arrival (issue 19 item 1).
+
+
+def write_episode(directory, name, length, mtime_ns, episode_id=0):
+  """An episode file of `length` entries (tiny frames) with a chosen name
+  and modification time; returns its name."""
+  path = pathlib.Path(directory) / name
+  with open(path, 'wb') as f:
+    np.savez_compressed(f, **make_episode(episode_id, length, size=1))
+  os.utime(path, ns=(mtime_ns, mtime_ns))
+  return name
+
+
+def held_names(cache):
+  return {name for name, episode in cache.items() if episode is not None}
+
+
+def reload(directory, cache, capacity, min_length=1):
+  """One reload as `sample_windows` does it: load, then evict."""
+  replay.load_episodes(directory, cache, min_length, capacity=capacity)
+  replay.evict(cache, capacity)
+  return held_names(cache)
+
+
+def expected_held(arrived, capacity):
+  """Model of the bound: `arrived` is [(name, length)] oldest first; the
+  newest episodes whose L - 1 steps add up to at most `capacity`, and at
+  least the newest one."""
+  held, total = set(), 0
+  for name, length in reversed(arrived):
+    if held and total + length - 1 > capacity:
+      break
+    held.add(name)
+    total += length - 1
+  return held
+
+
+episode_draw = st.tuples(
+    st.integers(1, 9),        # L, entries (L - 1 steps).
+    st.integers(0, 5),        # Seconds in the name: may go backwards.
+    st.integers(0, 3),        # Modification time: ties happen.
+    st.booleans())            # Whether the name ends with the length.
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(capacity=st.integers(1, 20), min_length=st.integers(1, 3),
+       reloads=st.lists(st.lists(episode_draw, min_size=1, max_size=4),
+                        min_size=1, max_size=5))
+def test_bound_holds_the_newest_by_arrival(capacity, min_length, reloads):
+  with tempfile.TemporaryDirectory() as directory:
+    cache, arrived, unnamed, reads = {}, [], set(), []
+    read_episode = replay._read_episode
+    def counting_read(path):
+      reads.append(pathlib.Path(path).name)
+      return read_episode(path)
+    with mock.patch.object(replay, '_read_episode', counting_read):
+      for batch_index, batch in enumerate(reloads):
+        batch_files = []
+        for index, (length, second, mtime, named) in enumerate(batch):
+          name = f'20260101T0000{second:02d}-b{batch_index}i{index}'
+          if named:
+            name += f'-{length}'
+          else:
+            unnamed.add(name + '.npz')
+          # Neither names nor modification times follow the arrivals.
+          write_episode(directory, name + '.npz', length, mtime * 10**9)
+          batch_files.append((mtime, name + '.npz', length))
+        # The model: this batch arrives after all earlier ones, ordered
+        # among itself by modification time, then name; too short ones
+        # never arrive.
+        arrived += [(name, length) for _, name, length in sorted(batch_files)
+                    if length >= min_length]
+        reads.clear()
+        held = reload(directory, cache, capacity, min_length)
+        assert held == expected_held(arrived, capacity)
+        order = [name for name, _ in arrived]
+        # Every arrival is in the cache, in order; others are only short
+        # files without a length in their name, marked as not to be read.
+        assert [name for name in cache if name in order] == order
+        assert all(cache[name] is None and name in unnamed
+                   for name in cache if name not in order)
+        oldest_held = min((order.index(name) for name in held),
+                          default=len(order))
+        assert all(cache[name] is not None for name in order[oldest_held:])
+        # Only what is held now was read, except names without a length.
+        assert set(reads) - held <= unnamed, (reads, held)
+
+
+def test_episodes_arriving_together_all_fit(tmp_path):
+  # Room for 4 episodes of 10 steps. Four episodes of several envs end
+  # together and arrive in one reload: they replace the 4 older ones.
+  old = [write_episode(tmp_path, f'20260101T00000{i}-old{i}-11.npz', 11,
+                       i * 10**9, i) for i in range(4)]
+  cache = {}
+  assert reload(tmp_path, cache, 40) == set(old)
+  new = [write_episode(tmp_path, f'20260101T00010{i}-new{i}-11.npz', 11,
+                       (10 + i) * 10**9, 10 + i) for i in range(4)]
+  assert reload(tmp_path, cache, 40) == set(new)
+  assert all(cache[name] is None for name in old)
+  # Through the sampler too: one window after the reload of a fifth one.
+  newest = write_episode(tmp_path, '20260101T000200-new4-11.npz', 11,
+                         20 * 10**9, 14)
+  next(replay.sample_windows(tmp_path, 5, seed=0, cache=cache, capacity=40))
+  assert held_names(cache) == set(new[1:]) | {newest}
+
+
+def test_a_name_that_sorts_later_hides_nothing(tmp_path):
+  # A file whose name sorts after every other (a clock ahead, a copied
+  # file), then episodes from a clock that is behind.
+  first = write_episode(tmp_path, '20260101T120000-aaaa-11.npz', 11, 10**9)
+  ahead = write_episode(tmp_path, '20991231T235959-bbbb-11.npz', 11,
+                        2 * 10**9, 1)
+  cache = {}
+  assert reload(tmp_path, cache, 20) == {first, ahead}
+  later = []
+  for i in range(3):
+    later.append(write_episode(tmp_path, f'20260101T00000{i}-c{i}-11.npz',
+                               11, (10 + i) * 10**9, 2 + i))
+    assert later[-1] in reload(tmp_path, cache, 20)
+  assert held_names(cache) == set(later[-2:])
+  assert cache[ahead] is None and cache[first] is None
+
+
+def test_evict_drops_by_arrival_not_by_name():
+  cache = {'b': make_episode(0, 11, 1), 'a': make_episode(1, 11, 1)}
+  replay.evict(cache, 10)
+  assert cache['b'] is None and cache['a'] is not None
+
+
+def test_a_large_old_folder_is_read_only_up_to_the_bound(tmp_path,
+                                                         monkeypatch):
+  # A resumed run finds 40 old episodes (10 steps each); room for 3.
+  names = [write_episode(tmp_path, f'20260101T0000{i:02d}-e{i:02d}-11.npz',
+                         11, i * 10**9, i) for i in range(40)]
+  reads = []
+  read_episode = replay._read_episode
+  def counting_read(path):
+    reads.append(path.name)
+    return read_episode(path)
+  monkeypatch.setattr(replay, '_read_episode', counting_read)
+  cache = replay.load_episodes(tmp_path, capacity=30)
+  assert held_names(cache) == set(names[-3:])
+  assert reads == names[:-4:-1]     # Only the 3 newest were read.
+  assert list(cache) == names       # The rest marked None, in order.
