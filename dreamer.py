@@ -308,11 +308,13 @@ class Run:
     dataset: `() -> iterator` of training batches from the replay.
     team: None, or with --strategy multi_worker the `distribute.Team` that
       tells the other workers to take each train step with the chief.
+    lock: None, or the `rundir.Lock` this process holds on the logdir; no
+      checkpoint is saved once its file was deleted or replaced.
   Steps count environment frames (agent steps x action_repeat).
   """
 
   def __init__(self, config, *, agent, policy, train_envs, eval_env,
-               checkpoint, logger, dataset, team=None):
+               checkpoint, logger, dataset, team=None, lock=None):
     import tools
     self.config = c = config
     self.logdir = pathlib.Path(c.logdir).expanduser()
@@ -326,7 +328,7 @@ class Run:
         self.datadir, c.action_repeat, replay.episode_spec(train_envs),
         progress.say)
     self.restored = self.checkpoint.restore()
-    self.team = team
+    self.team, self.lock = team, lock
     if team:  # The other workers start from the chief's (restored) weights.
       team.share_weights(agent.variables())
     # The metrics so far (also those of earlier processes of this run), for
@@ -451,6 +453,9 @@ class Run:
     return self._dataset
 
   def save(self):
+    problem = self.lock and self.lock.check()
+    if problem:  # Another trainer may own the logdir now: save nothing.
+      raise rundir.LogdirError(problem)
     self._write_logs()
     path = self.checkpoint.save(self.step)
     progress.say(f'Saved {path} at step {self.step}.')
@@ -505,7 +510,7 @@ class Run:
         progress.say(line)
 
 
-def make_run(config, strategy=None):
+def make_run(config, strategy=None, lock=None):
   """The real parts of a run: the Dreamer agent and its policy, the
   environment workers, the checkpoint, the logger and the replay dataset;
   with a tf.distribute `strategy` (setup_tensorflow), the agent trains with
@@ -535,7 +540,7 @@ def make_run(config, strategy=None):
       logger=tools.Logger(logdir),
       dataset=distribute.worker_dataset(
           config, replay.episode_spec(train_envs), strategy),
-      team=team)
+      team=team, lock=lock)
 
 
 def _raise_interrupt(signum, frame):
@@ -572,7 +577,8 @@ def train(config):
     hardware.seed_everything(config.seed)
     print(f'Logdir {logdir}, task {config.task}.')
     print(devices)
-    run = make_run(config, strategy)  # Fails on a checkpoint that won't fit.
+    # Fails on a checkpoint that does not fit.
+    run = make_run(config, strategy, lock)
     rundir.store_config(logdir, config, changes)
     if changes:
       print('Changed since the last start: ' + ', '.join(
@@ -584,6 +590,8 @@ def train(config):
       if run.team:
         print('Worker 0: weights fingerprint '
               f'{distribute.fingerprint(run.agent.weights())}.')
+    except rundir.LogdirError:  # Its lock file is gone: save nothing more.
+      raise
     except KeyboardInterrupt:
       # Keep the training since the last save; rerun the command to resume.
       print(f'Interrupted at step {run.step}: saving a checkpoint.')

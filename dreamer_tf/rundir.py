@@ -3,8 +3,10 @@
 One training process owns a logdir at a time: `Lock` holds an exclusive
 `fcntl` lock on `<logdir>/lock` (the kernel frees it when the process dies,
 even on kill -9) and writes the owner's pid, host and start time into it,
-so that a second process can name the first. Readers (`--mode eval`, the
-plot and doctor commands) never take it.
+so that a second process can name the first. A lock file deleted or
+replaced while held is noticed by its owner at its next `Lock.check()`
+(see `Lock`). Readers (`--mode eval`, the plot and doctor commands) never
+take it.
 
 A rerun is checked against `<logdir>/config.json` before anything is
 written: flags that change the task, the action space or the model are
@@ -34,27 +36,55 @@ class LogdirError(ValueError):
 
 class Lock:
   """Exclusive ownership of a logdir by this process (see module doc).
+
   `acquire()` returns a notice (str) when it took over a stale lock, else
-  None; raises LogdirError naming the owner when another process holds it."""
+  None; raises LogdirError naming the owner when another process holds it.
+  It locks the file it opened and then checks that this file is still the
+  one at `<logdir>/lock` (it retries when the path was removed or replaced
+  in between), so two processes never both hold the file at the path.
+
+  What it cannot prevent: `<logdir>/lock` deleted (or replaced) while the
+  owner holds it. The owner's lock is then on a file no other process can
+  open, and the next trainer creates a new file there and locks it without
+  a word. `check()` is how the first owner finds out: the run loop calls it
+  before each checkpoint save and stops when it returns a message. So the
+  guarantee is that, after such a deletion, the first owner stops at its
+  next check; until then two trainers may write to the logdir.
+
+  On a shared filesystem: since Linux 2.6.12 an NFS client emulates flock
+  with a byte-range lock on the whole file through the NFS locking (the
+  protocol's own on NFSv4, the lockd/NLM side protocol on NFSv3), so it
+  holds across hosts unless the mount has `nolock` or `local_lock=flock`
+  (or `all`), which make locks local to one client. SMB/CIFS propagates
+  flock only since Linux 5.5; Lustre with its `flock` mount option (the
+  default of recent versions; `localflock` locks per client, `noflock`
+  refuses locks). Elsewhere treat the lock as protecting one host only.
+  When the host holding it is gone, the server releases the lock once it
+  notices: when the client's lease expires on NFSv4 (90 s by default on a
+  Linux server), or when the client reboots and says so on NFSv3.
+  Otherwise the lock file names the owner's host and pid: check that this
+  process is gone, then delete the file.
+  """
+
+  # Times acquire() retries when the path is removed or replaced between
+  # its open and its lock (each retry needs another process to race it).
+  ATTEMPTS = 5
 
   def __init__(self, logdir):
     self.path = pathlib.Path(logdir) / 'lock'
     self._file = None
 
   def acquire(self):
-    try:
-      handle = open(self.path, 'a+')
-    except OSError as error:
-      raise LogdirError(f'cannot write to {self.path.parent}: '
-                        f'{error.strerror}.') from None
-    try:
-      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      owner = _read_owner(handle)
-      handle.close()
+    for _ in range(self.ATTEMPTS):
+      handle = self._open_locked()
+      if _same_file(handle, self.path):
+        break
+      handle.close()  # Unlocks the file no longer at the path.
+    else:
       raise LogdirError(
-          f'another dreamer.py trains in {self.path.parent} ({owner}): wait '
-          'for it or stop it, or use another --logdir.') from None
+          f'{self.path} was deleted or replaced {self.ATTEMPTS} times while '
+          'this process tried to lock it: stop whatever deletes it, or use '
+          'another --logdir.')
     previous = _read_owner(handle)
     handle.seek(0)
     handle.truncate()
@@ -67,6 +97,49 @@ class Lock:
       return f'Took over the lock of a run that is gone ({previous}).'
     return None
 
+  def _open_locked(self):
+    """Opens `self.path` (creating it) and locks it, or raises."""
+    try:
+      handle = open(self.path, 'a+')
+    except OSError as error:
+      raise LogdirError(f'cannot write to {self.path.parent}: '
+                        f'{error.strerror}.') from None
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # EWOULDBLOCK: another process holds it.
+      owner = _read_owner(handle)
+      handle.close()
+      raise LogdirError(
+          f'another dreamer.py trains in {self.path.parent} ({owner}): wait '
+          'for it or stop it, or use another --logdir.') from None
+    except OSError as error:  # E.g. ENOLCK: NFS without its lock service.
+      handle.close()
+      raise LogdirError(
+          f'cannot lock {self.path}: {error.strerror} (the filesystem may '
+          'not support locks): use a --logdir on another filesystem.'
+      ) from None
+    return handle
+
+  def check(self):
+    """None while the file this process locked is still `<logdir>/lock`;
+    else one line saying it was deleted or replaced (then another trainer
+    may have taken the logdir) and what to do."""
+    if self._file is None:
+      raise RuntimeError(f'{self.path} is not held by this process.')
+    if _same_file(self._file, self.path):
+      return None
+    now = 'is gone'
+    try:
+      with open(self.path) as handle:
+        now = f'now names {_read_owner(handle)}'
+    except OSError:
+      pass
+    return (f'{self.path} was deleted or replaced while this run trained '
+            f'(it {now}): another trainer may now write to '
+            f'{self.path.parent}, so this run stops without saving; check '
+            'that no other dreamer.py trains there, then rerun the command '
+            'to resume from the last checkpoint.')
+
   def release(self):
     if self._file is not None:
       self._file.seek(0)
@@ -76,13 +149,22 @@ class Lock:
       self._file = None
 
 
-def _read_owner(handle):
-  handle.seek(0)
+def _same_file(handle, path):
+  """Whether the open `handle` is the file now at `path`."""
   try:
+    held, current = os.fstat(handle.fileno()), os.stat(path)
+  except OSError:  # Gone (or, on NFS, a stale handle).
+    return False
+  return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
+
+
+def _read_owner(handle):
+  try:
+    handle.seek(0)
     owner = json.loads(handle.read() or 'null')
     return (f'pid {owner["pid"]} on {owner["host"]}, started '
             f'{owner["started"]}')
-  except (ValueError, TypeError, KeyError):
+  except (OSError, ValueError, TypeError, KeyError):
     return 'unknown owner'
 
 

@@ -7,10 +7,11 @@ import json
 
 import gymnasium
 import numpy as np
+import pytest
 
 import dreamer
 import wrappers
-from dreamer_tf import faults, replay
+from dreamer_tf import faults, replay, rundir
 
 IMAGE = (8, 8, 3)
 
@@ -381,3 +382,23 @@ def test_a_full_disk_is_one_line_after_keeping_the_last_state(tmp_path,
   # The save was tried; it wrote no half state (the logger failed first).
   assert 'could not save a checkpoint' in err
   assert run.checkpoint.saves == [1000]
+
+
+def test_a_deleted_lock_file_stops_the_run_before_it_saves(tmp_path):
+  # Deleting <logdir>/lock lets a second trainer in; the owner must notice
+  # at its next save and stop without writing a checkpoint.
+  config = config_for(tmp_path)
+  lock = rundir.Lock(tmp_path)
+  lock.acquire()
+  run = make_fake_run(config)
+  run.lock = lock
+  (tmp_path / 'lock').unlink()
+  second = rundir.Lock(tmp_path)
+  second.acquire()  # The intruder gets the new file.
+  try:
+    with pytest.raises(rundir.LogdirError, match='deleted or replaced'):
+      run.train_loop()
+  finally:
+    second.release()
+    lock.release()
+  assert run.checkpoint.saves == []
