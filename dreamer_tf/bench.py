@@ -38,16 +38,62 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 ACT_DIM = 6
 
 
-def apply_settings(config, settings):
-  """'key=value,key=value' (flags of dreamer.py) onto `config`; items
-  'env:NAME=VALUE' are environment variables, set by `run_json`."""
+# Flags of dreamer.py that the benchmark sets from its own flags: a variant
+# setting them would change nothing.
+OWN_FLAGS = dict(precision='--precision', batch_size='--batch_size',
+                 batch_length='--batch_length', strategy='--strategy',
+                 devices='--devices')
+
+
+def parse_settings(settings):
+  """'key=value,key=value' (flags of dreamer.py) -> {key: value}, each value
+  parsed as dreamer.py parses that flag (false, 0 and no are False). Items
+  'env:NAME=VALUE' are environment variables, set by `run_json`, and left
+  out. Raises ValueError, one line naming the item and the fix."""
+  import difflib
+
+  from dreamer_tf import flags
+  values, defaults = {}, None
   for item in filter(None, settings.split(',')):
+    key, equals, text = item.partition('=')
     if item.startswith('env:'):
+      if not equals or key == 'env:':
+        raise ValueError(f'--variants: {item!r} is not env:NAME=VALUE.')
       continue
-    key, _, value = item.partition('=')
-    default = getattr(config, key)
-    setattr(config, key, type(default)(value) if default is not None
-            else value)
+    if not equals:
+      raise ValueError(f'--variants: {item!r} is not flag=value (e.g. '
+                       'save_memory=true).')
+    if key in OWN_FLAGS:
+      raise ValueError(f'--variants: {key} is set by the benchmark: use '
+                       f'its {OWN_FLAGS[key]} instead.')
+    if defaults is None:
+      import dreamer
+      defaults = vars(dreamer.define_config())
+    if key not in defaults:
+      close = difflib.get_close_matches(key, defaults, n=1)
+      hint = f'did you mean {close[0]}? ' if close else ''
+      raise ValueError(f'--variants: {key} is not a flag of dreamer.py '
+                       f'({hint}python dreamer.py --help lists them).')
+    try:
+      values[key] = flags.args_type(defaults[key])(text)
+    except ValueError:
+      raise ValueError(f'--variants: {item} is not '
+                       f'{_kind(defaults[key])}.') from None
+  return values
+
+
+def _kind(default):
+  if isinstance(default, bool):
+    return 'a boolean (true/false)'
+  if isinstance(default, int):
+    return 'an integer'
+  return 'a number'  # Text flags take any value.
+
+
+def apply_settings(config, settings):
+  """The flags of `settings` (see parse_settings) set on `config`."""
+  for key, value in parse_settings(settings).items():
+    setattr(config, key, value)
   return config
 
 
@@ -476,6 +522,11 @@ def main(argv=None):
   # `finally` blocks run, so a running child benchmark is stopped, --against
   # removes its worktree and --collect closes its environments.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+  try:  # Every variant is checked before the first benchmark starts.
+    for settings in args.variants:
+      parse_settings(settings)
+  except ValueError as error:
+    sys.exit(f'bench: {error}')
   if args.child_replay:
     print(json.dumps(replay_child(args.child_replay, args.replay_size)))
     return
