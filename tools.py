@@ -198,7 +198,8 @@ class Optimizer:
   `step(tape, loss, variables)` takes the gradient of a float32 scalar loss,
   clips it to `clip` by global norm, and applies it unless some gradient is not
   finite (then the step is skipped, in every precision, as the reference's
-  loss-scale optimizer does). Returns the global norm before clipping.
+  loss-scale optimizer does). Returns the global norm before clipping, of
+  which `metrics(norm)` makes the metrics to log.
 
   With `loss_scale=True` (compute dtype float16) the backward pass starts from
   `scale` instead of 1 and the gradients are divided by it afterwards; the
@@ -287,6 +288,35 @@ class Optimizer:
     if self._dynamic:
       self._update_scale(finite)
     return norm
+
+  def metrics(self, norm):
+    """The metrics of one update whose gradient had global norm `norm` (as
+    `update` returns it): `<name>_grad_norm`, and with loss scaling also
+    `<name>_skipped`, 1.0 when the update was skipped (the scaled gradient
+    overflowed), else 0.0. Its mean over a window is the share skipped; the
+    norm of a skipped step is infinite or NaN and must not be averaged with
+    the others: see `applied_norms`."""
+    metrics = {f'{self.name}_grad_norm': norm}
+    if self._dynamic:
+      metrics[f'{self.name}_skipped'] = self.skipped(norm)
+    return metrics
+
+  @staticmethod
+  def skipped(norm):
+    """1.0 (float32) when an update of global norm `norm` is skipped."""
+    return 1.0 - tf.cast(tf.math.is_finite(norm), tf.float32)
+
+  @staticmethod
+  def applied_norms(metrics):
+    """`metrics` (evaluated, of one step) without the `<name>_grad_norm` of
+    each optimizer whose `<name>_skipped` is 1: the norms left are those of
+    applied updates, so a window's mean of them stays finite when loss
+    scaling skips a step."""
+    metrics = dict(metrics)
+    for key in [k for k in metrics if k.endswith('_skipped')]:
+      if float(metrics[key]) > 0:
+        metrics.pop(key[:-len('_skipped')] + '_grad_norm', None)
+    return metrics
 
   def _apply_if(self, finite, grads):
     """Applies `grads` when `finite`. Under a tf.distribute strategy the

@@ -91,8 +91,16 @@ class Dreamer:
     self.strategy = strategy
     with strategy.scope() if strategy else contextlib.nullcontext():
       self._create(config, act_dim, image_shape, policy)
-    self.train = tf.function(self._train) if strategy is None else (
+    step = tf.function(self._train) if strategy is None else (
         distribute.Trainer(strategy, self._train))
+    self.train = step
+    if self.policy == 'mixed_float16':
+      # Loss scaling skips the steps whose scaled gradient overflows (a few
+      # at the start, normal): their metrics say so (`<name>_skipped`) and
+      # leave out their infinite norm, which would make the logged mean of
+      # the window infinite (docs/doctor.md).
+      self.train = lambda *args, **kwargs: tools.Optimizer.applied_norms(
+          step(*args, **kwargs))
     self.open_loop = tf.function(lambda data: open_loop(self, data))
 
   def _create(self, config, act_dim, image_shape, policy):
@@ -213,13 +221,15 @@ class Dreamer:
       actor_loss, value_loss = self.behavior_losses(imag_feat, metrics)
     # The updates come after every forward pass: imagination uses the world
     # model before this step's update, as in the reference.
-    metrics['model_grad_norm'] = self.model_opt.update(model_grads)
-    metrics['actor_grad_norm'] = self.actor_opt.step(tape, actor_loss)
-    metrics['value_grad_norm'] = self.value_opt.step(tape, value_loss)
+    norms = [self.model_opt.update(model_grads),
+             self.actor_opt.step(tape, actor_loss),
+             self.value_opt.step(tape, value_loss)]
     del tape
-    finite = tf.reduce_all(tf.math.is_finite(tf.stack([
-        metrics['model_grad_norm'], metrics['actor_grad_norm'],
-        metrics['value_grad_norm']])))
+    # `<name>_grad_norm`, and with loss scaling `<name>_skipped`.
+    for opt, norm in zip((self.model_opt, self.actor_opt, self.value_opt),
+                         norms):
+      metrics.update(opt.metrics(norm))
+    finite = tf.reduce_all(tf.math.is_finite(tf.stack(norms)))
     self._steps.assign_add(1.0)
     self._skipped.assign_add(1.0 - tf.cast(finite, tf.float32))
     metrics['skip_frac'] = self._skipped / self._steps

@@ -27,8 +27,15 @@ OK, WATCH, PROBLEM, EARLY = 'ok', 'watch', 'problem', 'too early'
 SATURATED = 0.99
 
 # Metrics whose non-finite values mean the training diverged.
-LOSSES = ('model_loss', 'actor_loss', 'value_loss', 'model_grad_norm',
-          'actor_grad_norm', 'value_grad_norm')
+LOSSES = ('model_loss', 'actor_loss', 'value_loss')
+# The optimizers' gradient norms: non-finite when an update was skipped.
+# With loss scaling (float16: the records have `loss_scale`) that is an
+# overflow, normal, and the run reports the update as skipped
+# (`<name>_skipped`, its window mean the share skipped) and leaves its norm
+# out of the window's mean; logs written before that have an infinite mean.
+# Without loss scaling a non-finite gradient is a problem.
+GRAD_NORMS = ('model_grad_norm', 'actor_grad_norm', 'value_grad_norm')
+SKIPPED = ('model_skipped', 'actor_skipped', 'value_skipped')
 
 # Config values the checks use, with the defaults of dreamer.py.
 DEFAULTS = dict(prefill=5000, train_every=1000, pcont=False, free_nats=3.0,
@@ -145,22 +152,72 @@ def check_finite(history, config):
   remedy = ('lower the learning rates (--model_lr, --actor_lr, --value_lr), '
             'keep --grad_clip, or train in --precision 32')
   meaning = 'the training produced non-finite numbers'
-  train = [r for r in history if any(k in r for k in LOSSES)]
+  train = [r for r in history if any(k in r for k in LOSSES + GRAD_NORMS)]
   if not train:
     return Result('finite numbers', EARLY, rule, trend='no train step yet')
-  bad = [r['step'] for r in train
-         if any(isinstance(r.get(k), float) and not math.isfinite(r[k])
-                for k in LOSSES)]
-  skip = train[-1].get('skip_frac', 0.0)
+  scaled = any('loss_scale' in r or any(k in r for k in SKIPPED)
+               for r in train)
+  # A non-finite loss is never right; a non-finite gradient norm only
+  # without loss scaling (with it, an overflow: a skipped update).
+  keys = LOSSES if scaled else LOSSES + GRAD_NORMS
+  bad = [r['step'] for r in train if _not_finite(r, keys)]
+  if any(k in r for r in train for k in SKIPPED):
+    rule = ('no NaN/Inf loss; skipped updates <= 1% over the last 3 '
+            'windows (problem > 5%), after the loss scale settled')
+    steps, shares = _skip_shares(train[_settled(train):])
+  else:
+    steps = [r['step'] for r in train if _number(r.get('skip_frac'))]
+    shares = [r['skip_frac'] for r in train if _number(r.get('skip_frac'))]
+  skip = shares[-1] if shares else 0.0
   value = f'{len(bad)} NaN/Inf, {100 * skip:.1f}% skipped'
   if bad:
     return Result('finite numbers', PROBLEM, rule, value, since=bad[0],
                   remedy=remedy, meaning=meaning)
   verdict = OK if skip <= 0.01 else WATCH if skip <= 0.05 else PROBLEM
-  since = train[0]['step'] if verdict == PROBLEM else None
+  since = _streak_start(steps, shares, lambda v: v > 0.05) \
+      if verdict == PROBLEM else None
   return Result('finite numbers', verdict, rule, value, since=since,
                 remedy=remedy, meaning='many train steps had non-finite '
                 'gradients and were skipped')
+
+
+def _number(value):
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _not_finite(record, keys):
+  return any(_number(record.get(k)) and not math.isfinite(record[k])
+             for k in keys)
+
+
+def _settled(train):
+  """Under loss scaling, the index of the first train record after the loss
+  scale settled. It starts high (2**15) and halves on each overflow, the
+  update skipped, until the gradients fit (docs/doctor.md): it has settled
+  with the first record in which every optimizer applied an update (each
+  `<name>_skipped` below 1), or in which it stood at its floor of 1 (then
+  a skip is no overflow)."""
+  for index, record in enumerate(train):
+    skipped = [record[k] for k in SKIPPED if _number(record.get(k))]
+    floor = _number(record.get('loss_scale')) and record['loss_scale'] <= 1
+    if (skipped and max(skipped) < 1) or floor:
+      return index + 1
+  return len(train)
+
+
+def _skip_shares(train, window=3):
+  """(steps, shares) under loss scaling: at each record, the share of
+  skipped updates over the last `window` records, a record's share being
+  that of its most skipping optimizer (the mean of `<name>_skipped`)."""
+  steps, own = [], []
+  for record in train:
+    values = [record[k] for k in SKIPPED if _number(record.get(k))]
+    if values:
+      steps.append(record['step'])
+      own.append(max(values))
+  shares = [_mean(own[max(0, i + 1 - window):i + 1])
+            for i in range(len(own))]
+  return steps, shares
 
 
 def check_reconstruction(history, config):
@@ -244,20 +301,64 @@ def check_imagined_actions(history, config):
       meaning='the actor samples almost only actions at the bounds')
 
 
+# The policy-actions check calls a saturated evaluation policy stuck only
+# once the run has trained this many occasions after the prefill without
+# its test return rising (docs/doctor.md).
+STUCK_AFTER = 15
+
+
+def _beats(value, start, margin=0.4):
+  """Whether a test return `value` is clearly above `start`: by more than
+  `margin` times the larger magnitude of the two (at least 1)."""
+  return value - start > margin * max(abs(start), abs(value), 1.0)
+
+
+def returns_rise(returns, first=3, last=5):
+  """Whether the test returns rose: the best of the `last` evaluations
+  after the `first` ones beats the mean of the `first` (`_beats`: for
+  positive returns, by a factor of more than 1 / (1 - 0.4) = 1.67). The
+  best, not a mean: single test episodes are noisy, and a policy that
+  learns has some clearly better episodes, a stuck one none
+  (docs/doctor.md). Returns (rises, start, best)."""
+  start = _mean(returns[:first])
+  best = max(returns[first:][-last:])
+  return _beats(best, start), start, best
+
+
 def check_policy_actions(history, config):
-  rule = 'test/action_sat <= 0.5 ok, <= 0.9 watch (from the 5th eval)'
+  rule = (f'test/action_sat > 0.9 and no rise in test/return after '
+          f'{STUCK_AFTER} train occasions: problem; <= 0.5 or rising: ok')
   if config.get('action_dist') != 'tanh_normal':
     return None
   steps, values = series(history, 'test/action_sat')
+  return_steps, returns = series(history, 'test/return')
   early = _too_few('policy actions', rule, values, 5, 'evaluations')
-  if early:
-    return early
-  return _threshold_check(
-      'policy actions', history, 'test/action_sat', False, 0.5, 0.9, rule,
+  if early or len(returns) < 5:
+    return early or Result('policy actions', EARLY, rule,
+                           trend=f'{len(returns)} of 5 test returns')
+  now = _mean(values[-3:])
+  rises, start, best = returns_rise(returns)
+  value = f'{now:.3g} (test return {start:.4g} -> best {best:.4g})'
+  # A bang-bang policy (at the bounds) is how Dreamer often acts on walker
+  # tasks: saturation is a problem only when the policy does not learn.
+  if now <= 0.5 or rises:
+    return Result('policy actions', OK, rule, value, _trend(values))
+  trained = int(config['prefill']) + STUCK_AFTER * int(config['train_every'])
+  if now <= 0.9 or steps[-1] < trained:
+    return Result('policy actions', WATCH, rule, value, _trend(values))
+  # Stuck since the saturation began, or since the last evaluation with a
+  # clearly better return than the start, if later.
+  since = _streak_start(steps, values, lambda v: v > 0.9)
+  good = [s for s, r in zip(return_steps[3:], returns[3:]) if _beats(r, start)]
+  after = next((s for s in steps if good and s > good[-1]), None)
+  if since is None or (after is not None and after > since):
+    since = after
+  return Result(
+      'policy actions', PROBLEM, rule, value, _trend(values), since,
       remedy='lower --actor_lr, train the model longer first (--pretrain), '
       'or a smaller --action_init_std',
-      meaning='the evaluation policy is stuck at the action bounds',
-      min_points=5)
+      meaning='the evaluation policy is stuck at the action bounds and its '
+      'test return does not rise')
 
 
 def check_values(history, config):

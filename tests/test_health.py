@@ -1,12 +1,17 @@
 """Health signals of the train step and KL balancing, against numpy and
-hand-derived expectations."""
+hand-derived expectations; a real float16 overflow, logged and read by the
+doctor."""
+
+import json
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+import tools
 from dreamer_tf import agent as agent_lib
+from dreamer_tf import doctor
 from tiny import random_batch, tiny_config
 
 tfd = tfp.distributions
@@ -105,6 +110,65 @@ def test_skip_frac_counts_skipped_steps():
                for batch in (good, bad, good, bad)]
   assert fractions == pytest.approx([0.0, 0.5, 1 / 3, 0.5])
   assert int(agent.model_opt.iterations) == 2  # The NaN steps were skipped.
+
+
+def test_float16_overflow_is_a_skipped_step_not_an_infinite_norm(tmp_path):
+  # The GPU path (mixed_float16, dynamic loss scaling), forced on the CPU.
+  agent = agent_lib.Dreamer(tiny_config(), 2, policy='mixed_float16')
+  optimizers = (agent.model_opt, agent.actor_opt, agent.value_opt)
+  def train(scale, seed):
+    for opt in optimizers:
+      opt.loss_scale.assign(scale)
+    return {k: float(v) for k, v in agent.train(
+        random_batch(seed=seed)).items()}
+  # A loss scale of 2**40: every scaled gradient overflows float16 (largest
+  # finite value 65504), a real overflow, and each optimizer skips.
+  skipped = train(2.0 ** 40, 0)
+  assert all(np.isfinite(v) for v in skipped.values()), skipped
+  for opt in optimizers:
+    assert skipped[f'{opt.name}_skipped'] == 1.0
+    assert f'{opt.name}_grad_norm' not in skipped
+    assert int(opt.iterations) == 0 and float(opt.loss_scale) == 2.0 ** 39
+  assert skipped['skip_frac'] == 1.0
+  # At a loss scale of 16 the gradients fit: applied, with their norms.
+  applied = [train(16.0, seed) for seed in (1, 2)]
+  for metrics in applied:
+    for opt in optimizers:
+      assert metrics[f'{opt.name}_skipped'] == 0.0
+      assert np.isfinite(metrics[f'{opt.name}_grad_norm'])
+  assert int(agent.model_opt.iterations) == 2
+  # Logged as dreamer.py's loop does (every metric of each step, window
+  # means): the skipped step and an applied one, then an applied one.
+  logger = tools.Logger(tmp_path)
+  for step, window in ((5000, [skipped, applied[0]]), (6000, [applied[1]])):
+    for metrics in window:
+      for name, value in metrics.items():
+        logger.scalar(name, value)
+    logger.write(step)
+  text = (tmp_path / 'metrics.jsonl').read_text()
+  assert 'Infinity' not in text and 'NaN' not in text
+  first = json.loads(text.splitlines()[0])
+  assert first['model_skipped'] == 0.5   # 1 of the 2 updates skipped.
+  assert first['model_grad_norm'] == pytest.approx(
+      applied[0]['model_grad_norm'])     # The applied update's norm.
+  results = {r.name: r for r in doctor.diagnose(
+      doctor.read_history(tmp_path), {})}
+  assert results['finite numbers'].verdict == 'ok', results['finite numbers']
+  assert doctor.main(['--logdir', str(tmp_path)]) == 0
+
+
+def test_optimizer_metrics_without_loss_scaling_are_unchanged():
+  var = tf.keras.Variable([1.0], name='w')
+  opt = tools.Optimizer('test', [var], 0.1)
+  assert set(opt.metrics(tf.constant(np.inf))) == {'test_grad_norm'}
+  scaled = tools.Optimizer('test', [var], 0.1, loss_scale=True)
+  metrics = scaled.metrics(tf.constant(np.inf))
+  assert float(metrics['test_skipped']) == 1.0
+  assert tools.Optimizer.applied_norms(metrics) == {
+      'test_skipped': metrics['test_skipped']}
+  metrics = scaled.metrics(tf.constant(2.0))
+  assert float(metrics['test_skipped']) == 0.0
+  assert tools.Optimizer.applied_norms(metrics) == metrics
 
 
 def kl_and_gradients(agent, data, eps, balance):
