@@ -622,8 +622,9 @@ def main(argv=None):
       dreamer_tf.quiet_tensorflow()
       print(hardware.setup_tensorflow(config)[1])  # On one device.
       hardware.seed_everything(config.seed)
-      return evaluate.evaluate_checkpoint(config)
-    status = train(config)
+      status = evaluate.evaluate_checkpoint(config)
+    else:
+      status = train(config)
   except KeyboardInterrupt:  # During start-up: nothing to save yet.
     print('Interrupted.', file=sys.stderr)
     sys.exit(130)

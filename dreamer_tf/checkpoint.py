@@ -1,22 +1,37 @@
 """The run's checkpoints in <logdir>/checkpoints, with the fallback to the
-one before when the newest cannot be read."""
+one before when the newest cannot be read.
 
+The index file `checkpoints/checkpoint` (TensorFlow's CheckpointState) names
+checkpoints by their file names only, so a logdir can be moved, copied or
+renamed: every name in it is looked up in this logdir's own folder, also the
+absolute paths that earlier versions wrote after a fallback. Only the run's
+owner (the trainer) rewrites the index; readers (--mode eval) fall back in
+memory and write nothing."""
+
+import contextlib
+import os
 import pathlib
+import re
 import shutil
+import time
 
 from dreamer_tf import progress
+
+_NAME = re.compile(r'ckpt-(\d+)\.index')
 
 
 class Checkpointer:
   """The agent's weights, its three optimizers' states and the step counter
   in <logdir>/checkpoints; the last 2 are kept. TensorFlow writes each under
-  a temporary name and renames it, so a crash never leaves half of one; the
+  a temporary name and renames it, so a crash never leaves half of one. The
   run's owner (`owner=True`) removes the temporary folders a killed save
-  leaves behind."""
+  leaves behind, rewrites the index after a restore and is the only one
+  that saves; a reader (`owner=False`) never writes into the folder."""
 
   def __init__(self, agent, logdir, owner=False):
     import tensorflow as tf
     self._tf = tf
+    self._owner = owner
     self._directory = pathlib.Path(logdir) / 'checkpoints'
     if owner:
       for leftover in self._directory.glob('*_temp'):
@@ -25,27 +40,73 @@ class Checkpointer:
     self._checkpoint = tf.train.Checkpoint(
         step=self._step, **agent.checkpoint_items())
     self._manager = self._make_manager()
+    self._latest = None  # The checkpoint restored or saved by this object.
 
   def _make_manager(self):
-    return self._tf.train.CheckpointManager(
-        self._checkpoint, self._directory, max_to_keep=2)
+    try:
+      return self._tf.train.CheckpointManager(
+          self._checkpoint, self._directory, max_to_keep=2)
+    except ValueError:  # The index names no latest checkpoint: see restore.
+      return None
+
+  def _here(self, name):
+    """A checkpoint named in the index, as a path in this folder."""
+    return os.path.join(str(self._directory), os.path.basename(name))
 
   @property
   def latest(self):
-    return self._manager.latest_checkpoint
+    if self._latest:
+      return self._latest
+    latest = self._manager and self._manager.latest_checkpoint
+    return latest and self._here(latest)
 
   @property
   def step(self):
     return int(self._step)
 
+  def candidates(self):
+    """(listed, found): the checkpoints the index names, newest first, each
+    looked up by its name in this folder; then the other `ckpt-N` in the
+    folder, highest N first."""
+    try:
+      state = self._tf.train.get_checkpoint_state(str(self._directory))
+    except ValueError:  # An index that names no latest checkpoint.
+      state = None
+    listed = []
+    if state is not None:
+      names = [*state.all_model_checkpoint_paths, state.model_checkpoint_path]
+      for name in reversed(names):
+        if self._here(name) not in listed:
+          listed.append(self._here(name))
+    numbers = []
+    if self._directory.is_dir():
+      for path in self._directory.iterdir():
+        match = _NAME.fullmatch(path.name)
+        if match:
+          numbers.append(int(match.group(1)))
+    found = [self._here(f'ckpt-{number}') for number in sorted(numbers)[::-1]]
+    return listed, [path for path in found if path not in listed]
+
   def restore(self):
-    """Loads the newest checkpoint that can be read; False if there is none.
-    An unreadable one (truncated, deleted data) is skipped with a warning
-    naming it, for the one before it; none readable is a ValueError, and so
-    is a checkpoint of another task or model size."""
-    paths = list(reversed(self._manager.checkpoints))
+    """Loads the newest checkpoint that can be read; False only when the
+    folder holds no checkpoint at all. An unreadable one (truncated, deleted
+    data) is skipped with a warning naming it, for the one before it; after
+    the ones the index names come the other checkpoints in the folder. None
+    readable is a ValueError, and so is a checkpoint of another task or model
+    size. The owner then writes the index anew (relative names, without the
+    unreadable newer ones); a reader changes nothing on disk."""
+    listed, found = self.candidates()
+    paths = listed + found
     for index, path in enumerate(paths):
+      if found and path == found[0]:
+        file = self._directory / 'checkpoint'
+        problem = ('names none that can be read' if listed else
+                   'cannot be read' if file.exists() else 'is missing')
+        progress.say(f'Warning: the index {file} {problem}; trying the other '
+                     f'checkpoints in {self._directory}, newest first.')
       try:
+        if not os.path.exists(path + '.index'):
+          raise FileNotFoundError('its files are missing')
         self._checkpoint.restore(path).assert_existing_objects_matched()
       except (ValueError, AssertionError) as error:
         first = str(error).strip().splitlines()[0][:200]
@@ -58,9 +119,10 @@ class Checkpointer:
             f'({type(error).__name__}: {first})' +
             ('; trying the one before it.' if index + 1 < len(paths) else '.'))
         continue
-      if index:  # Forget the unreadable newer ones: they will be replaced.
-        self._tf.compat.v1.train.update_checkpoint_state(
-            str(self._directory), path, all_model_checkpoint_paths=[path])
+      self._latest = path
+      if self._owner:  # Forget the unreadable newer ones: they'll be replaced.
+        older = [p for p in listed[index + 1:] if os.path.exists(p + '.index')]
+        self._write_index([*reversed(older), path])
         self._manager = self._make_manager()
       return True
     if paths:
@@ -69,6 +131,36 @@ class Checkpointer:
                        'start training afresh.')
     return False
 
+  def _write_index(self, paths):
+    """Writes the index naming `paths` (oldest first) by file name only, as
+    CheckpointManager does, in one rename. The timestamps are recent and
+    increasing, so that the manager keeps and sweeps these checkpoints."""
+    from google.protobuf import text_format
+    names = [os.path.basename(path) for path in paths]
+    now = time.time()
+    stamps = [now - len(names) + i for i in range(len(names))]
+    state = self._tf.compat.v1.train.generate_checkpoint_state_proto(
+        os.path.abspath(self._directory), names[-1],
+        all_model_checkpoint_paths=names,
+        all_model_checkpoint_timestamps=stamps,
+        last_preserved_timestamp=stamps[0] - 1)
+    index = self._directory / 'checkpoint'
+    temporary = index.with_name(f'checkpoint.{os.getpid()}.tmp')
+    try:
+      temporary.write_text(text_format.MessageToString(state))
+      os.replace(temporary, index)
+    except OSError:
+      with contextlib.suppress(OSError):  # Nothing to remove, or read-only.
+        temporary.unlink()
+      raise
+
   def save(self, step):
+    if not self._owner:
+      raise RuntimeError('only the owner of the run (owner=True) saves '
+                         f'checkpoints in {self._directory}')
+    if self._manager is None:  # restore() found no checkpoint beside it.
+      (self._directory / 'checkpoint').unlink()
+      self._manager = self._make_manager()
     self._step.assign(step)
-    return self._manager.save()
+    self._latest = self._manager.save()
+    return self._latest
