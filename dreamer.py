@@ -260,6 +260,51 @@ def check_config(config):
         f'({longest} steps with --time_limit {config.time_limit} and '
         f'--action_repeat {config.action_repeat}): no training window would '
         'fit.')
+  if config.mode == 'train':
+    # Values that pass the ranges above but fail once the run trains.
+    # Run.train_if_due: an occasion is the first while the agent has made
+    # no update, and one of no update leaves no batch for the open loop.
+    if config.pretrain < 1:
+      raise ValueError(
+          f'--pretrain {config.pretrain}: the first training occasion would '
+          'make no update, and so would every later one (each would still be '
+          'the first): the agent would never train; use at least 1.')
+    if config.train_steps < 1:
+      raise ValueError(
+          f'--train_steps {config.train_steps}: the training occasions after '
+          'the first (--pretrain) would make no update, and the train logs '
+          'need one; use at least 1.')
+    # agent.open_loop observes `context` steps of a window and predicts the
+    # rest, which must be a step at least: none fails in the unrolled scan
+    # and measures nothing with --scan loop.
+    context = 5
+    if config.log_every and config.batch_length <= context:
+      raise ValueError(
+          f'--batch_length {config.batch_length} is too short for the '
+          f'open-loop check of the train logs ({context} observed steps, '
+          f'then at least 1 predicted): use at least {context + 1}, or '
+          '--log_every 0 (no open-loop check).')
+    # The training envs step together (Run._collect, tools.simulate): the
+    # prefill's agent steps take `rounds` rounds, one agent step of each
+    # env per round. Training starts right after the prefill and waits for
+    # a finished episode, which takes `episode` rounds (the time limit).
+    repeat, envs = config.action_repeat, config.envs
+    prefill = replay.agent_steps(config.prefill, repeat)
+    rounds = -(-prefill // envs)
+    episode = replay.agent_steps(config.time_limit, repeat)
+    if rounds < episode:
+      fewer = [n for n in range(1, envs) if -(-prefill // n) >= episode]
+      fixes = [f'raise --prefill to {episode * envs * repeat}']
+      if fewer:
+        fixes.append(f'lower --envs to {max(fewer)}')
+      if rounds:
+        fixes.append(f'lower --time_limit to {rounds * repeat}')
+      raise ValueError(
+          f'--prefill {config.prefill} with --envs {envs} ends before an '
+          f'episode does: each env takes {rounds} of the {episode} agent '
+          f'steps of --time_limit {config.time_limit} (--action_repeat '
+          f'{repeat}), and training would wait for an episode in vain; '
+          + ', or '.join(fixes) + '.')
   if config.task.startswith('atari_') and config.action_dist != 'onehot':
     raise ValueError('Atari has discrete actions: use --action_dist onehot.')
   if config.task.startswith('dmc_') and config.action_dist == 'onehot':
@@ -378,8 +423,15 @@ class Run:
     print(f'Done: {self.step} environment steps.')
 
   def prefill(self, steps):
-    """`steps` environment steps with uniformly random actions."""
-    rng = np.random.default_rng(self.config.seed)
+    """`steps` environment steps with uniformly random actions.
+
+    A rerun after a kill in the prefill draws new actions rather than those
+    of the episodes stored already: the stream is seeded from --seed and
+    the number of episodes stored (--seed alone when there are none), which
+    grows with every episode a killed process stored."""
+    stored = len(list(self.datadir.glob('*.npz')))
+    rng = np.random.default_rng(
+        [self.config.seed, stored] if stored else self.config.seed)
     space = self.train_envs.action_space
     def policy(images, reset, state):
       return [wrappers.random_action(space, rng) for _ in images], state
@@ -555,7 +607,7 @@ def train(config):
       distribute.read_tf_config()['task']['index'] != 0:
     dreamer_tf.quiet_tensorflow()
     strategy, devices = hardware.setup_tensorflow(config, config.strategy)
-    hardware.seed_everything(config.seed)
+    hardware.seed_everything(config.seed, distribute.worker_index(strategy))
     print(devices)
     return follower.follow(config, strategy)
   logdir = pathlib.Path(config.logdir).expanduser()
@@ -574,7 +626,7 @@ def train(config):
     changes = rundir.check_rerun(logdir, config)
     dreamer_tf.quiet_tensorflow()  # The flags are fine: now load TensorFlow.
     strategy, devices = hardware.setup_tensorflow(config, config.strategy)
-    hardware.seed_everything(config.seed)
+    hardware.seed_everything(config.seed, distribute.worker_index(strategy))
     print(f'Logdir {logdir}, task {config.task}.')
     print(devices)
     # Fails on a checkpoint that does not fit.

@@ -106,3 +106,60 @@ def test_the_device_line_says_how_to_get_a_gpu_seen(monkeypatch):
     name = '/physical_device:GPU:0'
   line = hardware.describe_devices(config, [FakeGPU()])
   assert line == 'Devices: GPU:0; dtype policy mixed_float16.'
+
+
+DEBUG = ['--logdir', 'x', '--preset', 'debug']
+DEFAULT = ['--logdir', 'x']
+
+
+@pytest.mark.parametrize('argv,problem,fix', [
+    # Never an update: the first occasion is the first again and again.
+    (DEBUG + ['--pretrain', '0'], '--pretrain 0', 'use at least 1'),
+    (DEBUG + ['--pretrain', '0', '--log_every', '0'], '--pretrain 0',
+     'use at least 1'),
+    # The occasions after the first make no update: no batch to log.
+    (DEBUG + ['--train_steps', '0'], '--train_steps 0', 'use at least 1'),
+    # The open loop observes 5 steps and predicts at least one.
+    (DEBUG + ['--batch_length', '2'], '--batch_length 2', 'use at least 6'),
+    (DEBUG + ['--batch_length', '5'], '--batch_length 5', 'use at least 6'),
+    # 4 envs x 100 agent steps x 2 = 800 > 500: each env takes 63 steps.
+    (DEBUG + ['--envs', '4'], '--prefill 500 with --envs 4',
+     'raise --prefill to 800, or lower --envs to 2, or lower --time_limit '
+     'to 126.'),
+    (DEBUG + ['--time_limit', '1000'], 'takes 250 of the 500 agent steps',
+     'raise --prefill to 1000, or lower --time_limit to 500.'),
+    (DEBUG + ['--prefill', '0'], '--prefill 0 with --envs 1',
+     'raise --prefill to 200.'),
+    # The defaults: 6 envs x 500 agent steps x 2 = 6000 > 5000.
+    (DEFAULT + ['--envs', '6'], '--prefill 5000 with --envs 6',
+     'raise --prefill to 6000, or lower --envs to 5, or lower --time_limit '
+     'to 834.'),
+])
+def test_values_that_would_fail_in_training_are_refused(argv, problem, fix):
+  with pytest.raises(ValueError) as error:
+    dreamer.check_config(dreamer.parse_args(argv))
+  message = str(error.value)
+  assert len(message.splitlines()) == 1
+  assert problem in message and fix in message, message
+
+
+@pytest.mark.parametrize('argv', [
+    DEBUG + ['--pretrain', '1', '--train_steps', '1'],
+    DEBUG + ['--batch_length', '6'],
+    DEBUG + ['--batch_length', '2', '--log_every', '0'],  # No open loop.
+    DEBUG + ['--envs', '2'],
+    DEBUG + ['--envs', '3', '--prefill', '600'],  # Exactly one episode.
+    DEBUG + ['--envs', '4', '--prefill', '800'],
+    DEBUG + ['--time_limit', '500'],
+    DEFAULT + ['--envs', '5'],
+])
+def test_the_edges_of_those_checks_are_accepted(argv):
+  dreamer.check_config(dreamer.parse_args(argv))
+
+
+def test_an_evaluation_is_not_refused_for_its_training_flags():
+  # --mode eval takes the stored flags of a run; it makes no update.
+  config = dreamer.parse_args(DEBUG + ['--envs', '4', '--pretrain', '0',
+                                       '--batch_length', '4'])
+  config.mode = 'eval'
+  dreamer.check_config(config)

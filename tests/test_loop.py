@@ -402,3 +402,61 @@ def test_a_deleted_lock_file_stops_the_run_before_it_saves(tmp_path):
     second.release()
     lock.release()
   assert run.checkpoint.saves == []
+
+
+@pytest.mark.parametrize('envs,prefill,time_limit,repeat', [
+    (1, 500, 200, 2), (4, 500, 200, 2), (2, 500, 200, 2),
+    (3, 600, 200, 2), (3, 595, 200, 2), (3, 594, 200, 2),
+    (1, 500, 1000, 2), (2, 401, 201, 2), (2, 399, 201, 2),
+    (2, 600, 200, 3), (2, 390, 200, 3), (1, 0, 200, 2),
+    (6, 5000, 1000, 2), (5, 5000, 1000, 2),
+])
+def test_the_prefill_check_accepts_what_the_loop_can_train_on(
+    tmp_path, monkeypatch, envs, prefill, time_limit, repeat):
+  # check_config's arithmetic against Run._collect: it accepts exactly the
+  # prefills that store an episode, which the first training waits for
+  # (30 s, then a crash on every rerun: issue 19).
+  monkeypatch.setattr(wrappers, 'check_task', lambda task: None)
+  monkeypatch.setattr(wrappers, 'check_rendering', lambda: None)
+  config = config_for(tmp_path, envs=envs, prefill=prefill, steps=prefill +
+                      600, time_limit=time_limit, action_repeat=repeat)
+  try:
+    dreamer.check_config(config)
+    accepted = True
+  except ValueError as error:
+    assert 'raise --prefill to ' in str(error), error
+    accepted = False
+  run = make_fake_run(config)
+  if not accepted:
+    run.prefill(prefill)
+    assert run.step >= prefill and not episode_files(tmp_path)
+    return
+  run.train_loop()   # Would wait 30 s and raise without an episode.
+  assert run.step >= config.steps and run.agent.updates > 0
+  assert run.agent.train_steps[0] >= prefill
+
+
+def test_a_prefill_rerun_after_a_kill_collects_new_episodes(tmp_path):
+  # kill -9 during the prefill: the finished episodes stay, no checkpoint
+  # and no logs (the prefill writes them at its end). The rerun prefills
+  # on from the stored steps; its random actions must not replay those of
+  # the killed process (the same seed would give the same episodes).
+  def episodes_and_distinct_actions():
+    stored = []
+    for path in episode_files(tmp_path):
+      with np.load(path) as episode:   # Entry 0 is the reset.
+        stored.append(episode['action'][1:].tobytes())
+    return len(stored), len(set(stored))
+  config = config_for(tmp_path, prefill=1000, steps=2000)
+  make_fake_run(config).prefill(500)   # Killed at 500: 2 episodes stored.
+  assert episodes_and_distinct_actions() == (2, 2)
+  rerun = make_fake_run(config)
+  assert not rerun.restored and rerun.step == 400
+  rerun.prefill(config.prefill - rerun.step)   # As train_loop does.
+  # Episodes end at 600, 800 and 1000, each with actions of its own.
+  assert episodes_and_distinct_actions() == (5, 5)
+  # Killed again: the next rerun draws new actions again.
+  again = make_fake_run(config_for(tmp_path, prefill=1400, steps=2000))
+  assert again.step == 1000
+  again.prefill(400)
+  assert episodes_and_distinct_actions() == (7, 7)

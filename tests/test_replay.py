@@ -246,7 +246,7 @@ def test_time_limit_and_batch_length_check_agree(tmp_path):
   assert steps == 3 and len(info['episode']['image']) == 4
   assert replay.max_length(5, 2) == 4
   flags = ['--logdir', str(tmp_path), '--task', 'dmc_cartpole_balance',
-           '--time_limit', '5', '--action_repeat', '2']
+           '--time_limit', '5', '--action_repeat', '2', '--log_every', '0']
   dreamer.check_config(dreamer.parse_args(flags + ['--batch_length', '4']))
   with pytest.raises(ValueError, match='longer than an episode'):
     dreamer.check_config(dreamer.parse_args(flags + ['--batch_length', '5']))
