@@ -215,7 +215,9 @@ def eval_config(defaults, given):
   if not stored_path.exists():
     raise ValueError(f'--mode eval needs a training run in --logdir: '
                      f'{stored_path} does not exist.')
-  if not (logdir / 'checkpoints' / 'checkpoint').exists():
+  saved = logdir / 'checkpoints'
+  if not (saved / 'checkpoint').exists() and \
+      not any(saved.glob('ckpt-*.index')):
     raise ValueError(f'no checkpoint in {logdir / "checkpoints"}: train '
                      'first (a checkpoint is saved after each evaluation).')
   config = dict(defaults, **rundir.read_config(logdir))

@@ -163,3 +163,15 @@ def test_an_evaluation_is_not_refused_for_its_training_flags():
                                        '--batch_length', '4'])
   config.mode = 'eval'
   dreamer.check_config(config)
+
+
+def test_eval_accepts_checkpoint_files_without_their_index(tmp_path):
+  # The index file `checkpoints/checkpoint` lost (a partial copy): the
+  # Checkpointer falls back to the ckpt files, so eval must not refuse.
+  (tmp_path / 'config.json').write_text('{"task": "dmc_cartpole_balance"}')
+  with pytest.raises(ValueError, match='no checkpoint'):
+    dreamer.parse_args(['--logdir', str(tmp_path), '--mode', 'eval'])
+  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'checkpoints' / 'ckpt-1.index').write_bytes(b'')
+  config = dreamer.parse_args(['--logdir', str(tmp_path), '--mode', 'eval'])
+  assert config.mode == 'eval' and config.task == 'dmc_cartpole_balance'
