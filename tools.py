@@ -204,7 +204,9 @@ class Optimizer:
   With `loss_scale=True` (compute dtype float16) the backward pass starts from
   `scale` instead of 1 and the gradients are divided by it afterwards; the
   scale starts at 2**15, halves on a non-finite step and doubles after 2000
-  finite steps in a row (TensorFlow's dynamic loss scale).
+  finite steps in a row (TensorFlow's dynamic loss scale). `reset_loss_scale`
+  puts it back to its start, as for a run resumed under another precision
+  (dreamer_tf/checkpoint.py).
 
   Weight decay `var -= lr * wd * var` is applied, on variables whose path
   matches `wd_pattern`, in the same step. The reference's version never
@@ -213,6 +215,7 @@ class Optimizer:
   """
 
   GROWTH_INTERVAL = 2000
+  INITIAL_SCALE = 2.0 ** 15
 
   def __init__(self, name, variables, lr, clip=None, wd=0.0, wd_pattern='.*',
                loss_scale=False):
@@ -225,8 +228,10 @@ class Optimizer:
     # Every replica computes the same update from the all-reduced gradients,
     # so the first replica's value is everyone's.
     once = tf.VariableAggregation.ONLY_FIRST_REPLICA
+    # The scale a fresh optimizer starts from: 1 (unused) without scaling.
+    self.initial_scale = self.INITIAL_SCALE if loss_scale else 1.0
     self.loss_scale = tf.Variable(
-        2.0 ** 15 if loss_scale else 1.0, trainable=False, dtype=tf.float32,
+        self.initial_scale, trainable=False, dtype=tf.float32,
         name=f'{name}_loss_scale', aggregation=once)
     self._dynamic = loss_scale
     self._good_steps = tf.Variable(
@@ -242,6 +247,11 @@ class Optimizer:
     return dict(
         adam=self._opt, loss_scale=self.loss_scale,
         good_steps=self._good_steps)
+
+  def reset_loss_scale(self):
+    """The loss scale back to `initial_scale`, no finite steps counted."""
+    self.loss_scale.assign(self.initial_scale)
+    self._good_steps.assign(0)
 
   def state(self):
     """Every variable the optimizer holds (Adam's, the loss scale's)."""

@@ -26,19 +26,32 @@ class Checkpointer:
   a temporary name and renames it, so a crash never leaves half of one. The
   run's owner (`owner=True`) removes the temporary folders a killed save
   leaves behind, rewrites the index after a restore and is the only one
-  that saves; a reader (`owner=False`) never writes into the folder."""
+  that saves; a reader (`owner=False`) never writes into the folder.
+
+  Each checkpoint also records the agent's dtype policy (`policy`, a
+  string). Resumed under another one, the loss scale restarts (see
+  `_fit_loss_scale`); checkpoints written before the policy was recorded
+  restore as before."""
 
   def __init__(self, agent, logdir, owner=False):
     import tensorflow as tf
     self._tf = tf
+    self._agent = agent
     self._owner = owner
     self._directory = pathlib.Path(logdir) / 'checkpoints'
     if owner:
       for leftover in self._directory.glob('*_temp'):
         shutil.rmtree(leftover, ignore_errors=True)
     self._step = tf.Variable(0, dtype=tf.int64, name='step')
-    self._checkpoint = tf.train.Checkpoint(
-        step=self._step, **agent.checkpoint_items())
+    with tf.device('CPU:0'):  # A string: no GPU kernels.
+      self._policy = tf.Variable(
+          agent.policy, dtype=tf.string, trainable=False, name='policy')
+    items = dict(step=self._step, **agent.checkpoint_items())
+    # Saved: the items and the policy. Restored, with every object matched:
+    # the items only, so that a checkpoint without the policy (written
+    # before it was recorded) still fits; the policy is read on its own.
+    self._checkpoint = tf.train.Checkpoint(policy=self._policy, **items)
+    self._restorer = tf.train.Checkpoint(**items)
     self._manager = self._make_manager()
     self._latest = None  # The checkpoint restored or saved by this object.
 
@@ -107,7 +120,8 @@ class Checkpointer:
       try:
         if not os.path.exists(path + '.index'):
           raise FileNotFoundError('its files are missing')
-        self._checkpoint.restore(path).assert_existing_objects_matched()
+        self._restorer.restore(path).assert_existing_objects_matched()
+        saved = self._saved_policy(path)
       except (ValueError, AssertionError) as error:
         first = str(error).strip().splitlines()[0][:200]
         raise ValueError(
@@ -119,6 +133,9 @@ class Checkpointer:
             f'({type(error).__name__}: {first})' +
             ('; trying the one before it.' if index + 1 < len(paths) else '.'))
         continue
+      # The manager numbers the next checkpoint from the restored count.
+      self._checkpoint.save_counter.assign(self._restorer.save_counter)
+      self._fit_loss_scale(saved)
       self._latest = path
       if self._owner:  # Forget the unreadable newer ones: they'll be replaced.
         older = [p for p in listed[index + 1:] if os.path.exists(p + '.index')]
@@ -130,6 +147,50 @@ class Checkpointer:
                        '(see the warnings above): move the folder aside to '
                        'start training afresh.')
     return False
+
+  def _saved_policy(self, path):
+    """The dtype policy the checkpoint `path` records; None when it records
+    none (written before this was recorded)."""
+    tf = self._tf
+    with tf.device('CPU:0'):
+      policy = tf.Variable('', dtype=tf.string, trainable=False)
+    tf.train.Checkpoint(policy=policy).restore(path).expect_partial()
+    return policy.numpy().decode() or None
+
+  def _fit_loss_scale(self, saved):
+    """After a restore: the loss scales fit the agent's policy, trained
+    under `saved` (None: unknown).
+
+    Resumed under mixed_float16 from another policy (mixed_bfloat16 on a
+    CPU, float32), the loss scale restored is 1 (none) and dynamic scaling
+    would take some 30,000 updates to grow it back while float16 gradients
+    underflow: each optimizer restarts at its initial scale (2**15), with a
+    notice from the owner. From a checkpoint that records no policy, so do
+    the optimizers whose restored scale is 1. Resumed from mixed_float16
+    under another policy, the scale is unused: it is reset quietly to the 1
+    of a fresh agent. The same policy (or an unknown one, not float16)
+    keeps the restored state exactly."""
+    policy = self._agent.policy
+    if saved == policy or (saved is None and policy != 'mixed_float16'):
+      return
+    agent = self._agent
+    optimizers = [agent.model_opt, agent.actor_opt, agent.value_opt]
+    if saved is None:
+      optimizers = [opt for opt in optimizers if float(opt.loss_scale) <= 1]
+    for opt in optimizers:
+      opt.reset_loss_scale()
+    if not optimizers or policy != 'mixed_float16' or not self._owner:
+      return
+    start = int(optimizers[0].initial_scale)
+    if saved:
+      progress.say(f'Notice: this checkpoint was trained under {saved} and '
+                   f'resumes under {policy}: the loss scale restarts at '
+                   f'{start}.')
+    else:
+      progress.say('Notice: this checkpoint records no precision and its '
+                   'loss scale is 1 (trained without loss scaling?); it '
+                   f'resumes under {policy}: the loss scale restarts at '
+                   f'{start}.')
 
   def _write_index(self, paths):
     """Writes the index naming `paths` (oldest first) by file name only, as

@@ -245,3 +245,132 @@ def test_a_video_that_cannot_be_written_keeps_the_returns(
   assert f'Wrote {tmp_path / "eval" / "returns.json"}.' in out.out
   assert json.loads((tmp_path / 'eval' / 'returns.json').read_text()) == \
       RESULT
+
+
+# --- Task: a precision change on resume restarts the loss scale. ---
+
+
+@pytest.fixture(scope='module')
+def precisions():
+  """One tiny agent per 16-bit policy, forced as on a CPU (mixed_bfloat16,
+  no loss scaling) and on a GPU (mixed_float16, loss scaling)."""
+  from dreamer_tf import agent as agent_lib
+  from tiny import tiny_config
+  return {policy: agent_lib.Dreamer(tiny_config(), 2, policy=policy)
+          for policy in ('mixed_bfloat16', 'mixed_float16')}
+
+
+def optimizers(agent):
+  return agent.model_opt, agent.actor_opt, agent.value_opt
+
+
+def scales(agent):
+  """Each optimizer's (loss scale, good steps)."""
+  return [(float(opt.loss_scale.numpy()),
+           int(opt.checkpoint_items()['good_steps'].numpy()))
+          for opt in optimizers(agent)]
+
+
+def set_scales(agent, values):
+  for opt, (scale, good) in zip(optimizers(agent), values):
+    opt.loss_scale.assign(scale)
+    opt.checkpoint_items()['good_steps'].assign(good)
+
+
+def notices(out):
+  return [line for line in out.splitlines() if line.startswith('Notice')]
+
+
+INITIAL = [(2.0 ** 15, 0)] * 3
+
+
+def test_a_run_resumed_under_float16_restarts_its_loss_scale(
+    tmp_path, precisions, capsys):
+  bf16, f16 = precisions['mixed_bfloat16'], precisions['mixed_float16']
+  weights(bf16).assign(tf_full(weights(bf16), 5.0))
+  Checkpointer(bf16, tmp_path, owner=True).save(100)  # On a CPU.
+  assert scales(bf16) == [(1.0, 0)] * 3
+  set_scales(f16, [(4.0, 9)] * 3)
+  # On a GPU: the weights, not the scale of 1 that would underflow.
+  assert restored(f16, tmp_path, owner=True) == (True, 100, 5.0)
+  assert scales(f16) == INITIAL
+  assert notices(capsys.readouterr().out) == [
+      'Notice: this checkpoint was trained under mixed_bfloat16 and resumes '
+      'under mixed_float16: the loss scale restarts at 32768.']
+  # A reader (--mode eval) resets it too, without the notice: it does not
+  # train.
+  set_scales(f16, [(4.0, 9)] * 3)
+  assert restored(f16, tmp_path, owner=False) == (True, 100, 5.0)
+  assert scales(f16) == INITIAL
+  assert notices(capsys.readouterr().out) == []
+  # Back on a CPU the scale is unused: reset quietly to 1.
+  set_scales(f16, [(64.0, 3)] * 3)
+  weights(f16).assign(tf_full(weights(f16), 6.0))
+  Checkpointer(f16, tmp_path, owner=True).save(200)
+  assert restored(bf16, tmp_path, owner=True) == (True, 200, 6.0)
+  assert scales(bf16) == [(1.0, 0)] * 3
+  assert notices(capsys.readouterr().out) == []
+
+
+def test_a_resume_under_the_same_policy_keeps_the_loss_scale(
+    tmp_path, precisions, capsys):
+  f16 = precisions['mixed_float16']
+  # After overflows and finite steps; a scale of 1 is kept too.
+  kept = [(256.0, 17), (2.0 ** 17, 1999), (1.0, 5)]
+  set_scales(f16, kept)
+  weights(f16).assign(tf_full(weights(f16), 7.0))
+  Checkpointer(f16, tmp_path, owner=True).save(300)
+  set_scales(f16, INITIAL)
+  assert restored(f16, tmp_path, owner=True) == (True, 300, 7.0)
+  assert scales(f16) == kept
+  assert notices(capsys.readouterr().out) == []
+
+
+def save_old_format(agent, logdir, step):
+  """A checkpoint as written before the policy was recorded: the step and
+  the agent's items, nothing else."""
+  import tensorflow as tf
+  checkpoint = tf.train.Checkpoint(
+      step=tf.Variable(step, dtype=tf.int64), **agent.checkpoint_items())
+  manager = tf.train.CheckpointManager(
+      checkpoint, logdir / 'checkpoints', max_to_keep=2)
+  return manager.save()
+
+
+def test_a_checkpoint_written_before_the_policy_was_recorded_restores(
+    tmp_path, agents, precisions, capsys):
+  saver, loader = agents  # float32: restored as before, scale 1 kept.
+  weights(saver).assign(tf_full(weights(saver), 8.0))
+  save_old_format(saver, tmp_path / 'float32', 400)
+  assert restored(loader, tmp_path / 'float32', owner=True) == (
+      True, 400, 8.0)
+  assert scales(loader) == [(1.0, 0)] * 3
+  assert notices(capsys.readouterr().out) == []
+  # Trained under float16: the scales are kept, but for the one at 1.
+  f16 = precisions['mixed_float16']
+  set_scales(f16, [(512.0, 4), (1.0, 6), (2.0 ** 16, 8)])
+  weights(f16).assign(tf_full(weights(f16), 9.0))
+  save_old_format(f16, tmp_path / 'float16', 500)
+  set_scales(f16, [(2.0, 1)] * 3)
+  assert restored(f16, tmp_path / 'float16', owner=True) == (True, 500, 9.0)
+  assert scales(f16) == [(512.0, 4), (2.0 ** 15, 0), (2.0 ** 16, 8)]
+  assert len(notices(capsys.readouterr().out)) == 1
+  # Trained on a CPU (scale 1), resumed on a GPU: restarts, saying so.
+  bf16 = precisions['mixed_bfloat16']
+  weights(bf16).assign(tf_full(weights(bf16), 10.0))
+  save_old_format(bf16, tmp_path / 'cpu', 600)
+  checkpoint = Checkpointer(f16, tmp_path / 'cpu', owner=True)
+  assert checkpoint.restore() and checkpoint.step == 600
+  assert float(weights(f16).numpy().mean()) == 10.0
+  assert scales(f16) == INITIAL
+  assert notices(capsys.readouterr().out) == [
+      'Notice: this checkpoint records no precision and its loss scale is 1 '
+      '(trained without loss scaling?); it resumes under mixed_float16: the '
+      'loss scale restarts at 32768.']
+  # The next save numbers on and records the policy: no notice again.
+  assert checkpoint.save(700) == str(tmp_path / 'cpu' / 'checkpoints' /
+                                     'ckpt-2')
+  set_scales(f16, [(8.0, 2)] * 3)
+  assert restored(f16, tmp_path / 'cpu', owner=True) == (True, 700, 10.0)
+  assert scales(f16) == INITIAL
+  assert notices(capsys.readouterr().out) == []
