@@ -20,6 +20,7 @@ def full_config(**overrides):
   return config
 
 
+@pytest.mark.quick
 def test_shapes_at_default_sizes():
   encoder = networks.ConvEncoder()
   assert encoder(tf.zeros([2, 3, 64, 64, 3])).shape == (2, 3, 1024)
@@ -45,6 +46,7 @@ PARAMS = [
 ]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize('act_dim,pcont,dist,model,actor,rssm', PARAMS)
 def test_parameter_counts(act_dim, pcont, dist, model, actor, rssm):
   agent = agent_lib.Dreamer(
@@ -58,6 +60,7 @@ def test_parameter_counts(act_dim, pcont, dist, model, actor, rssm):
   assert parts == expected
 
 
+@pytest.mark.quick
 def test_free_nats_gate_the_kl_gradient():
   rssm = RSSM(4, 16, 16)
   action = tf.random.normal([3, 5, 2], seed=2)
@@ -88,6 +91,7 @@ def _variables(agent):
   return named
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize('pcont', [False, True])
 def test_gradients_reach_exactly_the_right_variables(pcont):
   config = tiny_config(pcont=pcont)
@@ -183,6 +187,7 @@ def _float16_head():
   return head
 
 
+@pytest.mark.quick
 def test_loss_scale_is_applied_and_undone():
   head = _float16_head()
   opt = tools.Optimizer('test', head.trainable_variables, 1e-3, clip=100,
@@ -223,6 +228,7 @@ def test_overflowing_step_is_skipped_and_lowers_the_scale():
   assert int(opt.iterations) == 1 and float(opt.loss_scale) == 2.0 ** 14
 
 
+@pytest.mark.quick
 def test_gradient_clipping_and_weight_decay():
   var = keras.Variable([3.0, 4.0], name='w')
   opt = tools.Optimizer('test', [var], 0.1, clip=1.0, wd=0.5, wd_pattern='w')
@@ -317,6 +323,7 @@ def test_open_loop_video_and_errors():
     (lambda p: networks.Conv2DTranspose(8, 6, 2, activation='relu', dtype=p),
      (64, 13, 13, 16)),
 ])
+@pytest.mark.quick
 def test_bfloat16_bias_gradients_match_float32(make, shape):
   # TensorFlow's CPU BiasAddGrad in bfloat16 is ~90% off; our layers must
   # give bias gradients as good as their kernel gradients.
@@ -340,6 +347,7 @@ def test_bfloat16_bias_gradients_match_float32(make, shape):
     assert error < 0.05, error
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize('policy', ['float32', 'mixed_bfloat16',
                                     'mixed_float16'])
 @pytest.mark.parametrize('act', ['elu', 'relu', 'tanh', 'swish', 'gelu',

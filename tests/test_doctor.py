@@ -10,6 +10,8 @@ import pytest
 
 from dreamer_tf import doctor
 
+pytestmark = pytest.mark.quick  # The inner-loop tier (pytest.ini).
+
 CONFIG = dict(prefill=5000, train_every=1000, pcont=False, free_nats=3.0,
               action_dist='tanh_normal')
 STEPS = list(range(5000, 25000, 1000))   # 20 log points.

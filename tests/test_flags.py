@@ -9,6 +9,8 @@ import pytest
 import dreamer
 from dreamer_tf import flags, hardware
 
+pytestmark = pytest.mark.quick  # The inner-loop tier (pytest.ini).
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

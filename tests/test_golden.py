@@ -16,6 +16,8 @@ import tools
 from dreamer_tf import networks
 from dreamer_tf.rssm import RSSM
 
+pytestmark = pytest.mark.quick  # The inner-loop tier (pytest.ini).
+
 tfd = tfp.distributions
 FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'golden_tiny.npz'
 

@@ -30,6 +30,7 @@ def eps_for(batch, length, stoch, seed):
                            tf.float32) for _ in range(2))
 
 
+@pytest.mark.quick
 def test_kl_is_the_mean_kl_before_free_nats():
   agent = agent_lib.Dreamer(tiny_config(free_nats=3.0), 2)
   data = agent.preprocess(random_batch(batch=3, length=6))
@@ -44,6 +45,7 @@ def test_kl_is_the_mean_kl_before_free_nats():
   assert expected < 3.0  # So kl and div differ: kl is before the floor.
 
 
+@pytest.mark.quick
 def test_saturation_of_known_actions():
   actions = tf.constant([[0.995, -1.0], [0.5, -0.98], [0.99, 0.991]])
   assert float(agent_lib.saturation(actions)) == pytest.approx(3 / 6)
@@ -85,6 +87,7 @@ class KnownHead:
     return self(feat), self(feat)
 
 
+@pytest.mark.quick
 def test_value_and_return_means_and_gap_on_known_values():
   agent = agent_lib.Dreamer(tiny_config(horizon=5), 2)
   rng = np.random.default_rng(3)
@@ -183,6 +186,7 @@ def kl_and_gradients(agent, data, eps, balance):
   return float(div), {v.path: g for v, g in zip(variables, grads)}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize('balance', [0.8, 0.3])
 def test_kl_balance_splits_the_gradient_not_the_value(balance):
   # One-step sequences: no posterior sample feeds a later prior, so the
@@ -212,6 +216,7 @@ def test_kl_balance_splits_the_gradient_not_the_value(balance):
   assert checked == {'prior': 4, 'post': 4 + 8}, checked
 
 
+@pytest.mark.quick
 def test_kl_balance_off_is_the_plain_kl_exactly():
   agent = agent_lib.Dreamer(tiny_config(free_nats=0.5), 2)
   data = agent.preprocess(random_batch(batch=3, length=4))

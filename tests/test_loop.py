@@ -13,6 +13,8 @@ import dreamer
 import wrappers
 from dreamer_tf import faults, replay, rundir
 
+pytestmark = pytest.mark.quick  # The inner-loop tier (pytest.ini).
+
 IMAGE = (8, 8, 3)
 
 

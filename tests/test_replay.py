@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from dreamer_tf import replay
 
+pytestmark = pytest.mark.quick  # The inner-loop tier (pytest.ini).
+
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'episodes'
 KEYS = ('image', 'action', 'reward', 'discount')
 

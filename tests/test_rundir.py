@@ -11,6 +11,8 @@ import pytest
 
 from dreamer_tf import rundir
 
+pytestmark = pytest.mark.quick  # The inner-loop tier (pytest.ini).
+
 REAL_FLOCK = fcntl.flock
 
 

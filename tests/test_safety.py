@@ -17,6 +17,7 @@ import pytest
 import dreamer
 from dreamer_tf import rundir
 from dreamer_tf.checkpoint import Checkpointer
+from runs import catch_sigint, start_training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -143,7 +144,8 @@ def test_ctrl_c_during_start_up_is_quiet(tmp_path):
   process = subprocess.Popen(
       [sys.executable, 'dreamer.py', '--logdir', str(tmp_path), '--preset',
        'debug', '--task', 'dmc_cartpole_balance'], cwd=ROOT,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=catch_sigint)
   try:
     # The lock is written first; TensorFlow takes seconds to load after it.
     deadline = time.time() + 60
@@ -199,7 +201,6 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
 
 def test_a_killed_worker_stops_the_run_in_one_line_after_saving(tmp_path):
   import psutil
-  from runs import start_training
   process = start_training(tmp_path)
   try:
     for child in psutil.Process(process.pid).children():
@@ -242,55 +243,71 @@ def test_a_resume_restores_the_optimizer_state_exactly(tmp_path):
       np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
-@pytest.mark.parametrize('when', ['prefill', 'pretraining', 'training'])
-def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path, when):
+def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path):
+  # One logdir, killed with SIGKILL in the prefill, then (rerun) in the
+  # pretraining, then (rerun) in the training, then rerun to its end: each
+  # rerun goes on from where the killed process had got to, and nothing a
+  # killed process stored is lost, changed, half-written or stored twice.
   import hashlib
-
-  from runs import start_training
 
   from dreamer_tf import replay
   metrics = tmp_path / 'metrics.jsonl'
-  process = start_training(tmp_path, episodes=dict(
-      prefill=1, pretraining=2, training=4)[when])
-  if when == 'pretraining':
-    # The prefill ends at 500 mid-episode and logs step 500; the files hold
-    # 400 steps until the episode ends at 600, after the pretraining.
-    deadline = time.time() + 120
-    while not (metrics.exists() and '"step": 500' in metrics.read_text()):
-      assert time.time() < deadline and process.poll() is None
-      time.sleep(0.02)
-  process.kill()   # SIGKILL: no handler runs.
-  process.wait()
   files = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                    for p in (tmp_path / 'episodes').glob('*.npz')}
-  before = files()
-  logged = [json.loads(line)['step'] for line in
-            metrics.read_text().splitlines()] if metrics.exists() else [0]
-  stored = replay.count_steps(tmp_path / 'episodes', 2)
+  logged = lambda: [json.loads(line)['step'] for line in
+                    metrics.read_text().splitlines()] if metrics.exists() \
+      else [0]
+  def start_of(stdout):
+    return int(re.search(r'at step (\d+)', stdout).group(1))
+  kept, before = {}, (0, 0)  # Files of the killed processes; their steps.
+  for when in ('prefill', 'pretraining', 'training'):
+    stored = len(files())
+    # prefill: 1 episode of the 500-step prefill; training: 4 episodes,
+    # past the pretraining at 500 (the episode at 600 ends after it).
+    process = start_training(tmp_path, episodes=dict(
+        prefill=1, pretraining=stored, training=4)[when])
+    if when == 'pretraining':
+      # The prefill ends at 500 mid-episode and logs step 500; the files
+      # hold 400 steps until the episode ends at 600, after the pretraining.
+      deadline = time.time() + 120
+      while not (metrics.exists() and '"step": 500' in metrics.read_text()):
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.kill()   # SIGKILL: no handler runs.
+    stdout, _ = process.communicate()
+    if when != 'prefill':  # A rerun: it went on from the killed one's step.
+      start = start_of(stdout)
+      assert start >= max(before) and start > 0, (when, start, before)
+    kept.update(files())
+    before = (max(logged()), replay.count_steps(tmp_path / 'episodes', 2))
   result = run('--logdir', tmp_path, '--task', 'dmc_cartpole_balance',
                '--preset', 'debug', '--steps', 2000)
   assert result.returncode == 0, result.stderr[-2000:]
   # It goes on from where the killed run had got to, not from before.
-  start = int(re.search(r'at step (\d+)', result.stdout).group(1))
-  assert start >= max(logged) and start >= stored and start > 0
+  start = start_of(result.stdout)
+  assert start >= max(before) and start > 0
   after = files()
   # Nothing lost or changed, nothing half-written or rejected.
-  assert {k: after[k] for k in before} == before
+  assert {k: after[k] for k in kept} == kept
   assert not (tmp_path / 'episodes' / 'rejected').exists()
   for name in after:
     replay.inspect_episode(tmp_path / 'episodes' / name)
-  # The episodes hold the steps run after the kill, once each: the new
-  # files' steps plus the old ones never exceed the final count.
+  # The episodes hold the steps run after each kill, once each: the new
+  # files' steps plus the old ones never exceed the final count, and no
+  # episode was stored twice (a rerun continues the random stream).
   assert replay.count_steps(tmp_path / 'episodes', 2) <= 2000
-  assert len(after) > len(before)
-  # The step count never went backwards, across both processes.
-  steps = [json.loads(line)['step'] for line in
-           metrics.read_text().splitlines()]
+  assert len(after) > len(kept)
+  actions = set()
+  for name in after:
+    with np.load(tmp_path / 'episodes' / name) as episode:
+      actions.add(episode['action'].tobytes())
+  assert len(actions) == len(after)
+  # The step count never went backwards, across all four processes.
+  steps = logged()
   assert steps == sorted(steps) and steps[-1] == 2000
 
 
-def test_readers_work_on_a_run_being_trained(tmp_path):
-  from runs import start_training
+def test_readers_work_on_a_run_being_trained_and_sigterm_saves(tmp_path):
   # A save after every 600 steps: the first at 1100.
   process = start_training(tmp_path, 4, '--eval_every', 600)
   try:
@@ -308,9 +325,20 @@ def test_readers_work_on_a_run_being_trained(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert doctor.returncode in (0, 1) and 'Health of the run' in doctor.stdout
     assert process.poll() is None  # The trainer was not disturbed.
+    # A scheduler's SIGTERM then saves a checkpoint at the step reached, as
+    # Ctrl-C does (test_dreamer.py), and exits 130.
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
   finally:
     process.kill()
     process.wait()
+  assert process.returncode == 130, stderr[-2000:]
+  step = int(re.search(r'Interrupted at step (\d+)', stdout).group(1))
+  assert step >= 1100  # Past the save after the first evaluation.
+  import tensorflow as tf
+  saved = int(tf.train.load_checkpoint(str(tmp_path / 'checkpoints'))
+              .get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE'))
+  assert saved == step
 
 
 def test_a_diverging_run_stops_at_the_first_nan_in_one_line(tmp_path):

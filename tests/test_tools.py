@@ -6,6 +6,8 @@ import tensorflow as tf
 
 import tools
 
+pytestmark = pytest.mark.quick  # The inner-loop tier (pytest.ini).
+
 
 def numpy_lambda_return(reward, value, pcont, bootstrap, lam):
   """Direct backward loop over
