@@ -384,17 +384,14 @@ def test_value_head_run_once_serves_both_losses(policy, act):
                                  atol=rtol)
 
 
-@pytest.mark.parametrize('option', [
-    dict(scan='loop', save_memory=False),
-    dict(scan='unrolled', save_memory=True),
-    dict(scan='loop', save_memory=True)])
-def test_speed_and_memory_options_give_the_same_step(option):
-  # --scan loop (tf.scan) and --save_memory (another schedule) against the
-  # reference's unrolled loops and schedule, which the golden tests check:
-  # same weights, batch and random draws, so the same losses and updated
-  # weights to float rounding.
-  config = tiny_config(free_nats=0.0)
+@pytest.fixture(scope='module')
+def reference_step():
+  """The reference's unrolled loops and schedule, which the golden tests
+  check, taking one step on fixed weights, batch and random draws: the
+  initial variables, the inputs, the metrics and the updated weights (one
+  build and tracing for every option compared with it)."""
   batch, length, act = 3, 6, 2
+  config = tiny_config(free_nats=0.0)
   data = random_batch(batch, length, act)
   rng = np.random.default_rng(5)
   shapes = dict(prior=(batch, length, config.stoch_size),
@@ -405,14 +402,32 @@ def test_speed_and_memory_options_give_the_same_step(option):
            for k, v in shapes.items()}
   unrolled = agent_lib.Dreamer(
       tiny_config(free_nats=0.0, scan='unrolled', save_memory=False), act)
-  looped = agent_lib.Dreamer(tiny_config(free_nats=0.0, **option), act)
-  for source, target in zip(unrolled.variables(), looped.variables()):
-    target.assign(source)
-  first = unrolled.train(data, noise)
-  second = looped.train(data, noise)
+  initial = [v.numpy() for v in unrolled.variables()]
+  metrics = {k: v.numpy() for k, v in unrolled.train(data, noise).items()}
+  weights = [w.numpy() for w in unrolled.weights()]
+  return dict(act=act, data=data, noise=noise, initial=initial,
+              metrics=metrics, weights=weights)
+
+
+@pytest.mark.parametrize('option', [
+    dict(scan='loop', save_memory=False),
+    dict(scan='unrolled', save_memory=True),
+    dict(scan='loop', save_memory=True)])
+def test_speed_and_memory_options_give_the_same_step(option, reference_step):
+  # --scan loop (tf.scan) and --save_memory (another schedule) against the
+  # reference's unrolled loops and schedule, which the golden tests check:
+  # same weights, batch and random draws, so the same losses and updated
+  # weights to float rounding.
+  ref = reference_step
+  looped = agent_lib.Dreamer(tiny_config(free_nats=0.0, **option), ref['act'])
+  assert len(looped.variables()) == len(ref['initial'])
+  for value, target in zip(ref['initial'], looped.variables()):
+    target.assign(value)
+  second = looped.train(ref['data'], ref['noise'])
   for key in ('model_loss', 'actor_loss', 'value_loss', 'model_grad_norm',
               'actor_grad_norm', 'value_grad_norm', 'div'):
-    np.testing.assert_allclose(second[key], first[key], rtol=1e-5,
+    np.testing.assert_allclose(second[key], ref['metrics'][key], rtol=1e-5,
                                err_msg=key)
-  for a, b in zip(unrolled.weights(), looped.weights()):
-    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-7)
+  assert len(looped.weights()) == len(ref['weights'])
+  for a, b in zip(ref['weights'], looped.weights()):
+    np.testing.assert_allclose(b.numpy(), a, rtol=1e-5, atol=1e-7)
