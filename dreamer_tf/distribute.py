@@ -13,7 +13,10 @@ With multi_worker, worker 0 (the chief) collects, evaluates, logs and saves;
 the other workers only train. They read the chief's episodes from the shared
 --logdir and sample their own share of each batch. The chief tells them when
 to train and when to stop through a collective (`Team`), and gives them its
-weights after a resume.
+weights after a resume. At start, every worker checks through a collective
+that its --logdir is the chief's (`check_logdir`); a worker lost during a
+collective ends the others' collectives in one line naming it
+(`WorkerLost`).
 """
 
 import contextlib
@@ -23,9 +26,11 @@ import json
 import os
 import pathlib
 import re
+import secrets
 import signal
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -34,6 +39,12 @@ import numpy as np
 
 STRATEGIES = ('default', 'mirrored', 'multi_worker')
 DEVICE = re.compile(r'^(CPU|GPU):(\d+)$', re.IGNORECASE)
+# How TensorFlow names a worker in its errors, e.g. /job:worker/replica:0/
+# task:1 or /job:worker/task:1.
+TASK = re.compile(r'/job:worker(?:/replica:\d+)?/task:(\d+)')
+# The chief writes a new token into this file of its --logdir at every
+# start; each other worker must find it in its own --logdir (check_logdir).
+TOKEN_FILE = 'chief_token'
 
 
 def parse_devices(devices):
@@ -210,22 +221,99 @@ class Trainer:
             for k, v in metrics.items()}
 
 
+class WorkerLost(ValueError):
+  """A worker stopped answering during a collective of the team. The
+  message is one line naming it (from TensorFlow's error, when it says)
+  and the fix. A ValueError, as dreamer.main prints those in one line when
+  this happens at start-up; in the chief's loop faults.crashed saves and
+  prints it."""
+
+  def __init__(self, message, lost=()):
+    super().__init__(message)
+    self.lost = tuple(lost)  # Indices of the lost workers, if known.
+
+
+def lost_workers(text, own, addresses=()):
+  """The indices of the workers that TensorFlow's error `text` names as
+  lost, other than `own`: those listed after 'unhealthy' (the coordination
+  service's heartbeats), else every worker it names as a task, else those
+  whose host:port (`addresses`, as in TF_CONFIG) it quotes."""
+  parts = re.split(r'unhealthy', text, maxsplit=1)
+  scope = parts[1] if len(parts) == 2 else text
+  found = {int(i) for i in TASK.findall(scope)} - {own}
+  if not found:
+    found = {i for i, address in enumerate(addresses)
+             if re.search(rf'\b{re.escape(address)}\b', text)} - {own}
+  return sorted(found)
+
+
+def hosts(strategy):
+  """host:port of every worker, as in TF_CONFIG."""
+  try:
+    return list(strategy.cluster_resolver.cluster_spec().as_dict().get(
+        'worker', []))
+  except (AttributeError, ValueError):
+    return []
+
+
+def names(indices, addresses):
+  """'worker 1 (host:port) and worker 2 (host:port)'; 'a worker' for
+  none."""
+  return ' and '.join(
+      f'worker {i}' + (f' ({addresses[i]})' if i < len(addresses) else '')
+      for i in indices) or 'a worker'
+
+
+def lost_message(lost, own, addresses, during):
+  """The one line, on worker `own`, saying that the workers `lost` (indices,
+  maybe none known) stopped answering `during` something, and the fix."""
+  if own == 0:
+    return (f'lost {names(lost, addresses)}, which stopped answering during '
+            f'{during}: start every worker again to resume from the last '
+            'checkpoint.')
+  return (f'lost the other workers ({names(lost, addresses)} stopped '
+          f'answering during {during}): start every worker again to resume '
+          'from the chief\'s last checkpoint.')
+
+
 class Team:
   """The workers of a multi_worker run taking train steps together. The
   chief orders each step through a collective (`step`) and the end
   (`stop`); the other workers wait for its orders (`orders`). Collectives
   must be called by every worker in the same order, so the chief holds
   Ctrl-C and SIGTERM while it orders and takes a step, and never orders the
-  end after a step that failed halfway (the others wait inside it then)."""
+  end after a step that failed halfway (the others wait inside it then).
+  When a worker is lost, TensorFlow aborts the collectives of the others
+  (Unavailable, Aborted or DeadlineExceeded): every method of the team
+  then raises WorkerLost, and no more orders are sent."""
 
   STOP, STEP = -1, 1
+  LOST = ('UnavailableError', 'AbortedError', 'DeadlineExceededError')
 
   def __init__(self, strategy):
     import tensorflow as tf
     self._strategy = strategy
     self._order = tf.function(self._replica_order)
-    self.stopped = False  # No more orders: sent STOP, or all stopped on NaN.
+    self._sum = tf.function(self._replica_sum)
+    self.index, self.hosts = worker_index(strategy), hosts(strategy)
+    # No more orders: sent STOP, all stopped on NaN, or a worker was lost.
+    self.stopped = False
     self._halfway = False
+
+  @contextlib.contextmanager
+  def together(self, during):
+    """Turns the errors of a lost worker inside the block (collectives of
+    the team, e.g. a train step) into WorkerLost; `during` says what the
+    team was doing, e.g. 'a train step'."""
+    import tensorflow as tf
+    lost = tuple(getattr(tf.errors, name) for name in self.LOST)
+    try:
+      yield
+    except lost as error:
+      self.stopped = True
+      which = lost_workers(error.message, self.index, self.hosts)
+      raise WorkerLost(lost_message(which, self.index, self.hosts, during),
+                       which) from error
 
   def _replica_order(self, value):
     import tensorflow as tf
@@ -236,13 +324,31 @@ class Team:
     result = self._strategy.run(fn)
     return self._strategy.experimental_local_results(result)[0]
 
+  def _replica_sum(self, values):
+    import tensorflow as tf
+    def fn():
+      context = tf.distribute.get_replica_context()
+      # A tensor of this replica's (the input itself has no device).
+      return context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                tf.identity(values))
+    result = self._strategy.run(fn)
+    return self._strategy.experimental_local_results(result)[0]
+
   def _exchange(self, order=0):
     import tensorflow as tf
     return int(self._order(tf.constant(order, tf.int64)))
 
+  def gather(self, values):
+    """The sum over workers of each worker's int64 vector `values` (of the
+    same length on every worker; all call it)."""
+    import tensorflow as tf
+    total = self._sum(tf.constant(values, tf.int64)).numpy()
+    # Every local replica of a worker added its values once.
+    return total // len(self._strategy.extended.worker_devices)
+
   def step(self, train, batch):
     """Chief: orders a step and takes it, `train(batch)`."""
-    with _signals_held():
+    with _signals_held(), self.together('a train step'):
       self._halfway = True
       self._exchange(self.STEP)
       metrics = train(batch)
@@ -258,12 +364,17 @@ class Team:
       print('Warning: a train step failed halfway; the other workers may '
             'wait inside it: stop them.', file=sys.stderr)
       return
-    self._exchange(self.STOP)
+    with self.together('the end of the run'):
+      self._exchange(self.STOP)
 
   def orders(self):
     """The other workers: yields once per step the chief takes, until it
     orders the end."""
-    while self._exchange() == self.STEP:
+    while True:
+      with self.together('the wait for the chief\'s next order'):
+        order = self._exchange()
+      if order != self.STEP:
+        return
       yield
 
   def share_weights(self, variables):
@@ -276,10 +387,79 @@ class Team:
       values = [tf.where(first, tf.cast(v, tf.float64), 0.0)
                 for v in variables]
       return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
-    results = self._strategy.run(tf.function(fn))
-    local = self._strategy.experimental_local_results
-    for var, value in zip(variables, results):
-      var.assign(tf.cast(local(value)[0], var.dtype))
+    with self.together('the start'):
+      results = self._strategy.run(tf.function(fn))
+      local = self._strategy.experimental_local_results
+      for var, value in zip(variables, results):
+        var.assign(tf.cast(local(value)[0], var.dtype))
+
+
+def check_logdir(strategy, logdir, wait=10.0):
+  """Every worker of a multi_worker run checks that its `logdir` is the
+  chief's folder, which the others read the episodes from (call it on
+  every worker at start, before any other collective). The chief writes a
+  new random token into <logdir>/TOKEN_FILE and sends it to the others
+  (a collective); each looks for it in its own --logdir (for up to `wait`
+  seconds, in case a shared filesystem shows the new file late), and all
+  learn which did not find it (a second collective). Paths are not
+  compared: the folder may be mounted at another path on each host.
+  Raises rundir.LogdirError, one line with the fix, on every worker when
+  one did not find it."""
+  from dreamer_tf import rundir
+  team = Team(strategy)
+  logdir = pathlib.Path(logdir).expanduser()
+  path = logdir / TOKEN_FILE
+  mine = 0
+  if team.index == 0:
+    mine = secrets.randbits(62) + 1
+    # Written in place (not replaced): a shared filesystem shows the new
+    # content of a file it already knows when the reader opens it.
+    try:
+      path.write_text(f'{mine:x}\n')
+    except OSError as error:  # The others learn it as a lost worker.
+      raise rundir.LogdirError(
+          f'cannot write {path}: {error.strerror}.') from None
+  with team.together('the check of --logdir'):
+    token = team._exchange(mine)
+    problem = None if team.index == 0 else _find_token(path, token, wait)
+    flags = [0] * workers(strategy)
+    flags[team.index] = int(problem is not None)
+    missing = [i for i, bad in enumerate(team.gather(flags)) if bad]
+  if not missing:
+    return
+  fix = ('start every worker with the chief\'s --logdir on a shared '
+         'filesystem.')
+  if problem:
+    raise rundir.LogdirError(
+        f'worker {team.index}\'s --logdir {logdir} is not the chief\'s '
+        f'({problem}): {fix}')
+  chief = f' {logdir}' if team.index == 0 else ''
+  plural = len(missing) > 1
+  raise rundir.LogdirError(
+      f'the --logdir{"s" if plural else ""} of '
+      f'{names(missing, team.hosts)} {"are" if plural else "is"} not the '
+      f'chief\'s{chief} ({"they" if plural else "it"} did not find the '
+      f'token the chief wrote to {TOKEN_FILE} at this start): {fix}')
+
+
+def _find_token(path, token, wait, poll=0.5):
+  """None when `path` holds `token` (within `wait` seconds), else what
+  was found instead."""
+  deadline = time.monotonic() + wait
+  while True:
+    try:
+      if int(path.read_text().strip() or '0', 16) == token:
+        return None
+      problem = f'its {TOKEN_FILE} is from another start of the chief'
+    except FileNotFoundError:
+      problem = f'it holds no {TOKEN_FILE}'
+      if not path.parent.is_dir():
+        problem = 'no such folder'
+    except (OSError, ValueError) as error:
+      problem = f'{TOKEN_FILE} cannot be read: {error}'
+    if time.monotonic() >= deadline:
+      return problem
+    time.sleep(poll)
 
 
 @contextlib.contextmanager

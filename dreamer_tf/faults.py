@@ -91,8 +91,12 @@ def crashed(run, logdir, error):
 
 def describe(error, logdir):
   """One line for an exception; a full disk (an OSError, or TensorFlow's
-  error when saving) as `no space left on <device> writing <file>`."""
+  error when saving) as `no space left on <device> writing <file>`; a lost
+  worker of a multi_worker run as its own message, which names it."""
+  from dreamer_tf import distribute
   text = str(error).strip()
+  if isinstance(error, distribute.WorkerLost):
+    return text.rstrip('.')  # crashed() adds what it saved, then a period.
   full = re.search(r'(/\S+?)(?:\.tempstate\d+)?; No space left on device',
                    text)
   if isinstance(error, OSError) and error.errno == errno.ENOSPC:

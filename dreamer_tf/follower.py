@@ -1,7 +1,7 @@
 """The other workers of --strategy multi_worker: they take each train step
 with the chief and write nothing (docs/design.md section 10)."""
 
-import re
+import pathlib
 import sys
 
 import wrappers
@@ -14,37 +14,49 @@ def follow(config, strategy):
   train step with the chief, on its share of the batch sampled from the
   shared <logdir>/episodes, until the chief says the run is over. It writes
   nothing. Returns the exit status (3 when the losses became non-finite
-  with --on_nan stop, as on the chief)."""
+  with --on_nan stop, as on the chief; 1, after one line, when a worker
+  was lost or no episodes came)."""
   from dreamer_tf import agent as agent_lib
   probe = wrappers.make_envs(config, train=False)  # Only for the spaces.
   spec, act_dim = replay.episode_spec(probe), probe.action_space.shape[0]
   probe.close()
   agent = agent_lib.Dreamer(config, act_dim, strategy=strategy)
   team = distribute.Team(strategy)
-  team.share_weights(agent.variables())
-  print(f'Worker {distribute.worker_index(strategy)}: following the chief.')
-  import tensorflow as tf
+  index = distribute.worker_index(strategy)
   dataset, status = None, 0
   try:
+    team.share_weights(agent.variables())
+    print(f'Worker {index}: following the chief.')
     for _ in team.orders():
-      dataset = dataset or iter(
-          distribute.worker_dataset(config, spec, strategy)())
-      metrics = agent.train(next(dataset))
+      if dataset is None:
+        dataset = _dataset(config, spec, strategy)
+        if dataset is None:
+          return 1
+      with team.together('a train step'):
+        metrics = agent.train(next(dataset))
       bad = non_finite(metrics)
       if bad and config.on_nan == 'stop':
         print(f'Stopped: {", ".join(bad)} not finite, as on the chief.')
         status = 3
         break
-  except tf.errors.UnavailableError as error:
-    found = re.search(r'aborted by: (.+)|grpc_message:"([^"]+)"',
-                      error.message)
-    reason = next((g for g in found.groups() if g), '') if found else ''
-    reason = reason.strip()[:200] or type(error).__name__
-    print(f'dreamer.py: error: lost the other workers ({reason}). Start '
-          'every worker again to resume from the chief\'s last checkpoint.',
-          file=sys.stderr)
+  except distribute.WorkerLost as error:
+    print(f'dreamer.py: error: {error}', file=sys.stderr)
     return 1
-  print(f'Worker {distribute.worker_index(strategy)}: {agent.updates} '
-        'updates; weights fingerprint '
+  print(f'Worker {index}: {agent.updates} updates; weights fingerprint '
         f'{distribute.fingerprint(agent.weights())}.')
   return status
+
+
+def _dataset(config, spec, strategy):
+  """An iterator over this worker's batches, or None after one line when
+  no episode comes (replay's RuntimeError): most likely, this worker's
+  --logdir is not the folder the chief writes its episodes to."""
+  try:
+    return iter(distribute.worker_dataset(config, spec, strategy)())
+  except RuntimeError as error:
+    logdir = pathlib.Path(config.logdir).expanduser()
+    print(f'dreamer.py: error: {error} Worker '
+          f'{distribute.worker_index(strategy)} reads the chief\'s episodes '
+          f'from {logdir / "episodes"}: start every worker with the chief\'s '
+          '--logdir on a shared filesystem.', file=sys.stderr)
+    return None

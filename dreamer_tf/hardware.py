@@ -8,18 +8,30 @@ import numpy as np
 
 from dreamer_tf import distribute
 
+# Worker i of a multi_worker run seeds with --seed + i * WORKER_SEED_STRIDE,
+# so that its replicas draw other RSSM and action noise than the same
+# replicas of the other workers; the chief (worker 0) and single-host runs
+# keep --seed. Far above the seeds one usually runs side by side, so that
+# worker 1 of --seed 0 does not repeat a chief's --seed 1.
+WORKER_SEED_STRIDE = 1_000_000
 
-def seed_everything(seed):
+
+def seed_everything(seed, worker=0):
+  """Seeds Python's, NumPy's and TensorFlow's global generators for worker
+  `worker` (its index in a multi_worker run; 0 on the chief and with one
+  host, which keeps `seed`)."""
   import tensorflow as tf
+  seed = seed + worker * WORKER_SEED_STRIDE
   random.seed(seed)
-  np.random.seed(seed)
+  np.random.seed(seed % 2**32)  # NumPy takes no more than 32 bits.
   tf.random.set_seed(seed)
 
 
 def setup_tensorflow(config, strategy='default'):
   """GPU memory growth and the tf.distribute strategy (None for
-  'default'), before any other TensorFlow work. Returns the strategy and
-  the line saying what the run computes on."""
+  'default'), before any other TensorFlow work; with several workers, they
+  check that they share the chief's --logdir (distribute.check_logdir).
+  Returns the strategy and the line saying what the run computes on."""
   import tensorflow as tf
   gpus = tf.config.list_physical_devices('GPU')
   if config.gpu_growth:
@@ -27,6 +39,8 @@ def setup_tensorflow(config, strategy='default'):
       tf.config.experimental.set_memory_growth(gpu, True)
   strategy = distribute.make_strategy(strategy, config.devices)
   distribute.check_batch(distribute.replicas(strategy), config.batch_size)
+  if distribute.workers(strategy) > 1:
+    distribute.check_logdir(strategy, config.logdir)
   return strategy, describe_devices(config, gpus, strategy)
 
 

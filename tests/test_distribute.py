@@ -298,3 +298,159 @@ def test_device_line_counts_replicas():
   one = tf.distribute.MirroredStrategy(['CPU:0'])
   assert distribute.describe(one, 50) == (
       'CPU:0 (mirrored: 1 replica, 50 sequences each)')
+
+
+def start_workers_in(logdirs, *flags):
+  """Like start_workers, with a --logdir of each worker's own."""
+  hosts = [f'127.0.0.1:{port}' for port in free_ports(len(logdirs))]
+  processes = []
+  for index, logdir in enumerate(logdirs):
+    tf_config = dict(cluster=dict(worker=hosts),
+                     task=dict(type='worker', index=index))
+    processes.append(subprocess.Popen(
+        [sys.executable, 'dreamer.py', '--logdir', str(logdir), *TINY,
+         '--strategy', 'multi_worker', *map(str, flags)], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(QUIET, TF_CONFIG=json.dumps(tf_config))))
+  return processes
+
+
+def one_line(stderr):
+  """The only line of a process's stderr (no traceback, no warning)."""
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1, stderr[-3000:]
+  return lines[0]
+
+
+def test_a_killed_worker_is_named_in_the_chiefs_one_line(tmp_path):
+  import re
+
+  chief, worker = start_workers(tmp_path, '--steps', 100000, '--eval_every',
+                                100000)
+  try:
+    deadline = time.time() + 300
+    while not (tmp_path / 'metrics.jsonl').exists() or 'model_loss' not in \
+        (tmp_path / 'metrics.jsonl').read_text():
+      assert chief.poll() is None, chief.communicate()[1][-3000:]
+      assert time.time() < deadline, 'no training in time'
+      time.sleep(0.5)
+    worker.kill()  # kill -9, while the two train together.
+    worker.wait(timeout=60)
+    chief_out, chief_err = chief.communicate(timeout=120)
+  finally:
+    for process in (chief, worker):
+      process.kill()
+  assert chief.returncode == 1, chief_err[-3000:]
+  line = one_line(chief_err)
+  assert re.fullmatch(
+      r'dreamer\.py: error: lost worker 1 \(127\.0\.0\.1:\d+\), which stopped '
+      r'answering during a train step: start every worker again to resume '
+      r'from the last checkpoint \(saved a checkpoint at step \d+; '
+      r'traceback in \S+crash\.log\)\.', line), line
+  assert list((tmp_path / 'checkpoints').glob('ckpt-*.index'))
+
+
+def test_a_worker_with_another_logdir_stops_every_worker_in_one_line(
+    tmp_path):
+  import re
+
+  chief, worker = start_workers_in([tmp_path / 'run', tmp_path / 'other'])
+  try:
+    chief_out, chief_err = chief.communicate(timeout=120)
+    worker_out, worker_err = worker.communicate(timeout=60)
+  finally:
+    for process in (chief, worker):
+      process.kill()
+  fix = ("start every worker with the chief's --logdir on a shared "
+         'filesystem.')
+  assert worker.returncode == 1, worker_err[-3000:]
+  assert one_line(worker_err) == (
+      f"dreamer.py: error: worker 1's --logdir {tmp_path / 'other'} is not "
+      f"the chief's (no such folder): {fix}")
+  assert chief.returncode == 1, chief_err[-3000:]
+  line = one_line(chief_err)
+  assert re.fullmatch(
+      r"dreamer\.py: error: the --logdir of worker 1 \(127\.0\.0\.1:\d+\) "
+      rf"is not the chief's {re.escape(str(tmp_path / 'run'))} \(.+\): "
+      + re.escape(fix), line), line
+  # The chief stopped before any episode or checkpoint.
+  assert not list(tmp_path.glob('run/episodes/*.npz'))
+
+
+def test_each_worker_seeds_its_own_random_draws():
+  # Seeded alike, replica j of every worker would draw the same RSSM and
+  # action noise (docs/design.md section 10). The chief keeps --seed.
+  import random
+
+  import tensorflow as tf
+
+  from dreamer_tf import hardware
+
+  def draws():
+    in_graph = tf.function(lambda: tf.random.normal([4]))()
+    return (tf.random.normal([4]).numpy().tolist(),
+            in_graph.numpy().tolist(), np.random.rand(), random.random())
+
+  random.seed(7)
+  np.random.seed(7)
+  tf.random.set_seed(7)
+  before = draws()  # What seeding with --seed 7 draws.
+  hardware.seed_everything(7)
+  assert draws() == before
+  hardware.seed_everything(7, 0)
+  assert draws() == before
+  hardware.seed_everything(7, 1)
+  worker = draws()
+  assert all(a != b for a, b in zip(worker, before)), (worker, before)
+  hardware.seed_everything(7, 1)
+  assert draws() == worker
+
+
+def test_the_lost_worker_is_found_in_tensorflows_error():
+  # The two texts a chief got when worker 1 was killed (abridged): the
+  # coordination service's heartbeats, or a refused connection.
+  hosts = ['127.0.0.1:41000', '127.0.0.1:45901']
+  heartbeats = (
+      'Collective ops is aborted by: Error reported from /job:worker/task:1: '
+      'The following tasks are unhealthy (stopped sending heartbeats):\n'
+      '/job:worker/replica:0/task:1\nThe tasks have crashed.\n'
+      '[[{{node CollectiveReduceV2}}]] /job:worker/replica:0/task:0')
+  refused = (
+      'Collective ops is aborted by: failed to connect to all addresses; '
+      'last error: UNKNOWN: ipv4:127.0.0.1:45901: Failed to connect to '
+      'remote host: Connection refused\nAdditional GRPC error information '
+      'from remote target /job:worker/replica:0/task:1 while calling '
+      '/tensorflow.WorkerService/RecvBuf:')
+  for text in (heartbeats, refused, refused.split('\n')[0]):
+    assert distribute.lost_workers(text, 0, hosts) == [1]
+  assert distribute.lost_workers('Socket closed', 0, hosts) == []
+  assert distribute.lost_message([1], 0, hosts, 'a train step') == (
+      'lost worker 1 (127.0.0.1:45901), which stopped answering during a '
+      'train step: start every worker again to resume from the last '
+      'checkpoint.')
+  assert distribute.lost_message([], 1, hosts, 'the start').startswith(
+      'lost the other workers (a worker stopped answering during the start)')
+
+
+def test_a_follower_without_episodes_says_to_use_the_chiefs_logdir(
+    tmp_path, monkeypatch, capsys):
+  import types
+
+  from dreamer_tf import follower
+
+  def worker_dataset(config, spec, strategy):
+    def make():  # As replay._usable says it after its timeout.
+      raise RuntimeError(f'No episode with at least 10 steps in {tmp_path}/'
+                         'episodes after waiting 30 s. The prefill writes '
+                         'the first episodes.')
+    return make
+  monkeypatch.setattr(distribute, 'worker_dataset', worker_dataset)
+  monkeypatch.setattr(distribute, 'worker_index', lambda strategy: 1)
+  config = types.SimpleNamespace(logdir=str(tmp_path))
+  assert follower._dataset(config, {}, None) is None
+  assert one_line(capsys.readouterr().err) == (
+      f'dreamer.py: error: No episode with at least 10 steps in {tmp_path}/'
+      'episodes after waiting 30 s. The prefill writes the first episodes. '
+      f"Worker 1 reads the chief's episodes from {tmp_path}/episodes: start "
+      "every worker with the chief's --logdir on a shared filesystem.")
