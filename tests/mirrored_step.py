@@ -3,7 +3,9 @@ CPU devices, from the same weights, batch and random draws; writes both
 results to an .npz for tests/test_distribute.py. A separate process: the CPU
 can only be split before TensorFlow has started.
 
-usage: python tests/mirrored_step.py OUT.npz POLICY FREE_NATS
+usage: python tests/mirrored_step.py OUTDIR POLICY:FREE_NATS [...]
+  One OUTDIR/POLICY-FREE_NATS.npz per case, all in this one process (the
+  CPU is split once, TensorFlow starts once).
   FREE_NATS: a number, or 'straddle': between the mean KL of the two
   replicas' halves of the batch, where a floor taken on each replica's own
   mean (instead of the global mean) would change the update.
@@ -90,4 +92,7 @@ def main(out, policy, free_nats):
 
 
 if __name__ == '__main__':
-  main(*sys.argv[1:])
+  outdir = pathlib.Path(sys.argv[1])
+  for case in sys.argv[2:]:
+    policy, free_nats = case.split(':')
+    main(outdir / f'{policy}-{free_nats}.npz', policy, free_nats)

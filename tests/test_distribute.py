@@ -21,15 +21,23 @@ TINY = ('--task', 'dmc_cartpole_balance', '--preset', 'debug')
 QUIET = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
 
 
-def mirrored_step(tmp_path, policy, free_nats):
-  out = tmp_path / f'{policy}-{free_nats}.npz'
+@pytest.fixture(scope='module')
+def mirrored_steps(tmp_path_factory):
+  """The single-device and mirrored updates of each case, computed in one
+  process (tests/mirrored_step.py: the CPU is split once, TensorFlow starts
+  once): {'float32-0', 'float32-straddle', 'mixed_float16-0'}: results."""
+  cases = ('float32:0', 'float32:straddle', 'mixed_float16:0')
+  out = tmp_path_factory.mktemp('mirrored')
   result = subprocess.run(
-      [sys.executable, 'tests/mirrored_step.py', str(out), policy,
-       str(free_nats)], cwd=ROOT, capture_output=True, text=True,
-      timeout=600, env=QUIET)
+      [sys.executable, 'tests/mirrored_step.py', str(out), *cases],
+      cwd=ROOT, capture_output=True, text=True, timeout=900, env=QUIET)
   assert result.returncode == 0, result.stderr[-3000:]
-  with np.load(out) as results:
-    return dict(results)
+  found = {}
+  for case in cases:
+    name = case.replace(':', '-')
+    with np.load(out / f'{name}.npz') as results:
+      found[name] = dict(results)
+  return found
 
 
 def assert_same_update(results, rtol, atol=1e-6):
@@ -43,11 +51,12 @@ def assert_same_update(results, rtol, atol=1e-6):
 
 
 @pytest.mark.parametrize('free_nats', ['0', 'straddle'])
-def test_mirrored_step_equals_the_single_device_step(tmp_path, free_nats):
+def test_mirrored_step_equals_the_single_device_step(mirrored_steps,
+                                                     free_nats):
   # Same weights, global batch and random draws (standard normals passed in
   # with the batch on axis 0, so each replica takes its sequences' draws):
   # the mirrored update over 2 logical CPUs must equal the one-device update.
-  results = mirrored_step(tmp_path, 'float32', free_nats)
+  results = mirrored_steps[f'float32-{free_nats}']
   if free_nats == 'straddle':
     # The floor lies between the halves' mean KLs and below their mean: a
     # floor on each replica's own mean would drop one half's KL gradient.
@@ -58,9 +67,9 @@ def test_mirrored_step_equals_the_single_device_step(tmp_path, free_nats):
   assert results['single/updates'] == results['mirrored/updates'] == 1
 
 
-def test_mirrored_step_with_float16_loss_scaling(tmp_path):
+def test_mirrored_step_with_float16_loss_scaling(mirrored_steps):
   # The GPU path: mixed_float16 with loss scaling, forced on the CPU.
-  results = mirrored_step(tmp_path, 'mixed_float16', '0')
+  results = mirrored_steps['mixed_float16-0']
   assert np.isfinite(results['single/model_grad_norm'])
   assert results['single/loss_scale'] == results['mirrored/loss_scale'] == 16
   # Float16 gradients summed in two halves round differently: a gradient
