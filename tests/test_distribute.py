@@ -184,15 +184,20 @@ def test_stopping_the_chief_saves_and_stops_every_worker(tmp_path):
   assert 'weights fingerprint' in worker_out
 
 
+def wait_for_episodes(chief, logdir):
+  """Returns once the chief has stored an episode (it collects)."""
+  deadline = time.time() + 300
+  while not list(logdir.glob('episodes/*.npz')):
+    assert chief.poll() is None, chief.communicate()[1][-3000:]
+    assert time.time() < deadline, 'no episodes in time'
+    time.sleep(0.5)
+
+
 def test_a_killed_chief_ends_the_other_workers_in_one_line(tmp_path):
   chief, worker = start_workers(tmp_path, '--steps', 100000, '--eval_every',
                                 100000)
   try:
-    deadline = time.time() + 300
-    while not list(tmp_path.glob('episodes/*.npz')):
-      assert chief.poll() is None, chief.communicate()[1][-3000:]
-      assert time.time() < deadline, 'no episodes in time'
-      time.sleep(0.5)
+    wait_for_episodes(chief, tmp_path)
     chief.kill()
     chief.communicate(timeout=60)
     worker_out, worker_err = worker.communicate(timeout=120)
@@ -340,11 +345,7 @@ def test_a_killed_worker_is_named_in_the_chiefs_one_line(tmp_path):
   try:
     # Once the chief collects, worker 1 waits for its orders: kill -9 it
     # there; the chief's next collective is its first train step.
-    deadline = time.time() + 300
-    while not list(tmp_path.glob('episodes/*.npz')):
-      assert chief.poll() is None, chief.communicate()[1][-3000:]
-      assert time.time() < deadline, 'no episodes in time'
-      time.sleep(0.5)
+    wait_for_episodes(chief, tmp_path)
     worker.kill()
     worker.wait(timeout=60)
     chief_out, chief_err = chief.communicate(timeout=120)
