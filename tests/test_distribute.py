@@ -105,13 +105,16 @@ def free_ports(count):
 
 
 def start_workers(logdir, *flags):
-  hosts = [f'127.0.0.1:{port}' for port in free_ports(2)]
+  """A chief and worker 1 of --strategy multi_worker on localhost, both
+  with `logdir` (a list: a --logdir of each worker's own)."""
+  logdirs = logdir if isinstance(logdir, list) else [logdir] * 2
+  hosts = [f'127.0.0.1:{port}' for port in free_ports(len(logdirs))]
   processes = []
-  for index in range(2):
+  for index, folder in enumerate(logdirs):
     tf_config = dict(cluster=dict(worker=hosts),
                      task=dict(type='worker', index=index))
     processes.append(subprocess.Popen(
-        [sys.executable, 'dreamer.py', '--logdir', str(logdir), *TINY,
+        [sys.executable, 'dreamer.py', '--logdir', str(folder), *TINY,
          '--strategy', 'multi_worker', *map(str, flags)], cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(QUIET, TF_CONFIG=json.dumps(tf_config))))
@@ -193,20 +196,35 @@ def wait_for_episodes(chief, logdir):
     time.sleep(0.5)
 
 
-def test_a_killed_chief_ends_the_other_workers_in_one_line(tmp_path):
+@pytest.mark.parametrize('killed', ['chief', 'worker 1'])
+def test_a_killed_worker_is_named_by_the_other_in_one_line(tmp_path, killed):
+  import re
+
   chief, worker = start_workers(tmp_path, '--steps', 100000, '--eval_every',
                                 100000)
   try:
+    # Once the chief collects, worker 1 waits for its orders: kill -9 one
+    # of them there; the chief's next collective is its first train step.
     wait_for_episodes(chief, tmp_path)
-    chief.kill()
-    chief.communicate(timeout=60)
-    worker_out, worker_err = worker.communicate(timeout=120)
+    dead, alive = (chief, worker) if killed == 'chief' else (worker, chief)
+    dead.kill()
+    dead.wait(timeout=60)
+    out, err = alive.communicate(timeout=120)
   finally:
     for process in (chief, worker):
       process.kill()
-  assert worker.returncode == 1
-  assert 'Traceback' not in worker_err, worker_err[-3000:]
-  assert 'dreamer.py: error: lost the other workers' in worker_err
+  assert alive.returncode == 1, err[-3000:]
+  assert 'Traceback' not in err, err[-3000:]
+  if killed == 'chief':
+    assert 'dreamer.py: error: lost the other workers' in err
+    return
+  line = one_line(err)
+  assert re.fullmatch(
+      r'dreamer\.py: error: lost worker 1 \(127\.0\.0\.1:\d+\), which stopped '
+      r'answering during a train step: start every worker again to resume '
+      r'from the last checkpoint \(saved a checkpoint at step \d+; '
+      r'traceback in \S+crash\.log\)\.', line), line
+  assert list((tmp_path / 'checkpoints').glob('ckpt-*.index'))
 
 
 def process_stats():
@@ -314,21 +332,6 @@ def test_device_line_counts_replicas():
       'CPU:0 (mirrored: 1 replica, 50 sequences each)')
 
 
-def start_workers_in(logdirs, *flags):
-  """Like start_workers, with a --logdir of each worker's own."""
-  hosts = [f'127.0.0.1:{port}' for port in free_ports(len(logdirs))]
-  processes = []
-  for index, logdir in enumerate(logdirs):
-    tf_config = dict(cluster=dict(worker=hosts),
-                     task=dict(type='worker', index=index))
-    processes.append(subprocess.Popen(
-        [sys.executable, 'dreamer.py', '--logdir', str(logdir), *TINY,
-         '--strategy', 'multi_worker', *map(str, flags)], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(QUIET, TF_CONFIG=json.dumps(tf_config))))
-  return processes
-
-
 def one_line(stderr):
   """The only line of a process's stderr (no traceback, no warning)."""
   assert 'Traceback' not in stderr, stderr[-3000:]
@@ -337,36 +340,11 @@ def one_line(stderr):
   return lines[0]
 
 
-def test_a_killed_worker_is_named_in_the_chiefs_one_line(tmp_path):
-  import re
-
-  chief, worker = start_workers(tmp_path, '--steps', 100000, '--eval_every',
-                                100000)
-  try:
-    # Once the chief collects, worker 1 waits for its orders: kill -9 it
-    # there; the chief's next collective is its first train step.
-    wait_for_episodes(chief, tmp_path)
-    worker.kill()
-    worker.wait(timeout=60)
-    chief_out, chief_err = chief.communicate(timeout=120)
-  finally:
-    for process in (chief, worker):
-      process.kill()
-  assert chief.returncode == 1, chief_err[-3000:]
-  line = one_line(chief_err)
-  assert re.fullmatch(
-      r'dreamer\.py: error: lost worker 1 \(127\.0\.0\.1:\d+\), which stopped '
-      r'answering during a train step: start every worker again to resume '
-      r'from the last checkpoint \(saved a checkpoint at step \d+; '
-      r'traceback in \S+crash\.log\)\.', line), line
-  assert list((tmp_path / 'checkpoints').glob('ckpt-*.index'))
-
-
 def test_a_worker_with_another_logdir_stops_every_worker_in_one_line(
     tmp_path):
   import re
 
-  chief, worker = start_workers_in([tmp_path / 'run', tmp_path / 'other'])
+  chief, worker = start_workers([tmp_path / 'run', tmp_path / 'other'])
   try:
     chief_out, chief_err = chief.communicate(timeout=120)
     worker_out, worker_err = worker.communicate(timeout=60)
