@@ -634,6 +634,7 @@ def train(config):
     # Fails on a checkpoint that does not fit.
     run = make_run(config, strategy, lock)
     rundir.store_config(logdir, config, changes)
+    rundir.store_provenance(logdir, rundir.provenance(devices))
     if changes:
       print('Changed since the last start: ' + ', '.join(
           f'--{k} {old!r} -> {new!r}' for k, (old, new) in changes.items()))

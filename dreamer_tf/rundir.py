@@ -16,10 +16,13 @@ old values under `_history`. Imports no TensorFlow.
 
 import datetime
 import fcntl
+import importlib.metadata
 import json
 import os
 import pathlib
+import platform
 import socket
+import subprocess
 
 # Flags a resumed run cannot change: they define the task, its action space
 # and episode length, or the shapes of the networks in the checkpoint.
@@ -222,3 +225,86 @@ def store_config(logdir, config, changes):
   temporary = path.with_name('config.json.tmp')
   temporary.write_text(json.dumps(content, indent=2) + '\n')
   os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------- provenance
+
+# The checkout whose commit a run records: the folder holding dreamer_tf/.
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The packages whose versions a run records: {key: distribution names to try,
+# first found wins}. Read from the installed metadata: nothing is imported.
+PACKAGES = {
+    'tensorflow': ('tensorflow', 'tensorflow-cpu', 'tf-nightly'),
+    'tensorflow_probability': ('tensorflow-probability', 'tfp-nightly'),
+    'keras': ('keras',),
+    'tf_keras': ('tf-keras',),
+    'dm_control': ('dm-control',),
+    'mujoco': ('mujoco',),
+    'numpy': ('numpy',),
+}
+
+
+def provenance(devices_line):
+  """What produced a run, as a JSON-ready dict: `commit` (the HEAD of the
+  checkout at `REPO_ROOT`, or 'unknown' when that folder is not the top of
+  a git checkout or git is missing), `dirty` (whether tracked files differ
+  from that commit; None when unknown; untracked files do not count),
+  `versions` ({key of PACKAGES: version or None when not installed}),
+  `host`, `devices` (the line `hardware.setup_tensorflow` returned) and
+  `python`. Runs git twice; imports no TensorFlow."""
+  commit, dirty = _git_state(REPO_ROOT)
+  return dict(commit=commit, dirty=dirty, versions=_versions(),
+              host=socket.gethostname(), devices=devices_line,
+              python=platform.python_version())
+
+
+def store_provenance(logdir, info):
+  """Appends `info` (see `provenance`) with the time to
+  `<logdir>/provenance.jsonl`: one line per process start, so a run resumed
+  by other code or on another host has a line for each."""
+  line = json.dumps(dict(
+      time=datetime.datetime.now().isoformat(timespec='seconds'), **info))
+  with open(pathlib.Path(logdir) / 'provenance.jsonl', 'a') as handle:
+    handle.write(line + '\n')
+
+
+def _git_state(root):
+  """(commit, dirty) of the checkout whose top folder is `root`."""
+  out = _git(root, 'rev-parse', '--show-toplevel', 'HEAD')
+  lines = out.split() if out else []
+  # A root without its own .git inside another checkout is not ours.
+  if len(lines) != 2 or not _same_path(lines[0], root):
+    return 'unknown', None
+  status = _git(root, 'status', '--porcelain', '--untracked-files=no')
+  return lines[1], None if status is None else bool(status.strip())
+
+
+def _git(root, *args):
+  """The stdout of `git *args` run in `root`, or None if it failed."""
+  try:
+    done = subprocess.run(['git', *args], cwd=root, capture_output=True,
+                          text=True, timeout=60)
+  except (OSError, subprocess.SubprocessError):  # No git, no folder, hung.
+    return None
+  return done.stdout if done.returncode == 0 else None
+
+
+def _same_path(a, b):
+  try:
+    return pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
+  except OSError:
+    return False
+
+
+def _versions():
+  versions = {}
+  for key, names in PACKAGES.items():
+    versions[key] = None
+    for name in names:
+      try:
+        versions[key] = importlib.metadata.version(name)
+        break
+      except importlib.metadata.PackageNotFoundError:
+        continue
+  return versions

@@ -80,6 +80,12 @@ def test_dmc_end_to_end_then_resume(tmp_path, trained_run):
                '--steps', 2500)
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'Resumed from' in second.stdout and 'at step 1500' in second.stdout
+  # Each start recorded what produced it (docs/reproduce.md).
+  starts = [json.loads(line) for line in
+            (logdir / 'provenance.jsonl').read_text().splitlines()]
+  assert len(starts) == 2
+  assert starts[-1]['devices'].startswith('Devices: CPU')
+  assert starts[-1]['versions']['tensorflow'] == '2.21.0'
   # No second prefill: every new episode came from the policy, after 1500.
   new = sorted(set((logdir / 'episodes').glob('*.npz')) - set(episodes))
   assert len(new) == 5
