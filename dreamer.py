@@ -67,17 +67,36 @@ def define_flags():
     '(cpu: a one-hour learning check; debug: the tiny sizes of the tests). '
     'Flags given on the command line win.')
   f.group('Environment')
-  f('task', 'dmc_walker_walk', 'dmc_<domain>_<task> or atari_<game>.')
+  f('task', 'dmc_walker_walk', 'dmc_<domain>_<task> or atari_<game> (Atari '
+    'changes the defaults marked "Atari:", listed at the end).')
   f('envs', 1, 'Parallel training environments.')
   f('parallel', 'none', 'none: all envs in one worker process; process: one '
     'worker each.')
-  f('action_repeat', 2, 'Environment steps per agent step.')
-  f('time_limit', 1000, 'Episode length in environment steps.')
-  f('prefill', 5000, 'Random-action environment steps before training.')
+  f('action_repeat', 2, 'Environment steps (frames) per agent step (DMC: 2; '
+    'Atari: 4).')
+  f('time_limit', 1000, 'Episode cap in environment steps (frames) (DMC: '
+    '1000, the episode length; Atari: 108000, the cap of Machado et al. '
+    '2018: 27000 agent steps at action repeat 4; games end on their own '
+    'before it, a lower cap truncates them).')
+  f('prefill', 5000, 'Random-action environment steps before training (DMC: '
+    '5000; Atari: 108000, one capped game, so that training never waits for '
+    'a game to end).')
   f('eval_noise', 0.0, 'Exploration amount during evaluation.')
-  f('clip_rewards', 'none', 'none, or tanh: squash rewards for training.')
+  f('clip_rewards', 'none', 'none, or tanh: squash rewards for training '
+    '(DMC: none; Atari: tanh).')
   f('env_timeout', 60.0, 'Seconds an environment worker may take to answer '
     'before the run saves and stops, naming it.')
+  f('atari_sticky', 0.25, 'Atari: sticky actions, the probability that the '
+    'ALE repeats the previous frame\'s action instead of the new one, drawn '
+    'every frame (Machado et al. 2018); 0: off.')
+  f('atari_life_done', True, 'Atari: a lost life ends training episodes '
+    '(discount 0); evaluation episodes always play the whole game.')
+  f('atari_full_actions', False, 'Atari: all 18 actions instead of the '
+    'game\'s minimal action set.')
+  f('atari_grayscale', False, 'Atari: grey frames (in three equal channels) '
+    'instead of colour; the paper used colour 64x64.')
+  f('atari_noops', 30, 'Atari: 1 to N random no-op frames after each reset '
+    '(0: none).')
   f.group('Model')
   f('deter_size', 200, 'GRU state size (also the RSSM hidden size).')
   f('stoch_size', 30, 'Stochastic state size.')
@@ -85,12 +104,13 @@ def define_flags():
   f('dense_act', 'elu', 'Activation of the dense heads and the actor.')
   f('cnn_act', 'relu', 'Activation of the encoder and decoder.')
   f('cnn_depth', 32, 'Channel multiplier of the encoder and decoder.')
-  f('pcont', False, 'Learn a continuation (discount) head.')
+  f('pcont', False, 'Learn a continuation (discount) head, trained towards '
+    '0 at episode ends and --discount elsewhere (DMC: False; Atari: True).')
   f('scan', 'unrolled', 'Loops over time (observe, imagination, returns): '
     'unrolled, as the reference, or loop: one symbolic loop each (same '
     'results; the first step traces in about half the time).')
   f('free_nats', 3.0, 'KL below this (batch mean) gives no gradient.')
-  f('kl_scale', 1.0, 'Weight of the KL term.')
+  f('kl_scale', 1.0, 'Weight of the KL term (DMC: 1.0; Atari: 0.1).')
   f('kl_balance', 0.0, 'KL balancing (DreamerV2): a share A in (0, 1] of '
     'the KL gradient trains the prior, 1 - A the posterior; the value is '
     'the same. 0: off, the plain KL of the paper.')
@@ -120,15 +140,28 @@ def define_flags():
   f.group('Behavior')
   f('discount', 0.99, 'Discount of the imagined returns.')
   f('disclam', 0.95, 'Lambda of the imagined returns.')
-  f('horizon', 15, 'Imagination horizon in agent steps.')
+  f('horizon', 15, 'Imagination horizon in agent steps (DMC: 15; Atari: '
+    '10).')
   f('action_dist', 'tanh_normal', 'tanh_normal (continuous) or onehot '
-    '(discrete).')
+    '(discrete, straight-through gradients) (DMC: tanh_normal; Atari: '
+    'onehot).')
   f('action_init_std', 5.0, 'Initial std of the tanh-normal actor.')
   f('expl', 'additive_gaussian', 'Exploration: additive_gaussian, '
-    'completely_random or epsilon_greedy.')
-  f('expl_amount', 0.3, 'Exploration amount.')
-  f('expl_decay', 0.0, 'Halve the amount every N steps (0: constant).')
-  f('expl_min', 0.0, 'Floor of the decayed amount.')
+    'completely_random or epsilon_greedy (DMC: additive_gaussian; Atari: '
+    'epsilon_greedy).')
+  f('expl_amount', 0.3, 'Exploration amount: the noise std, or epsilon '
+    '(DMC: 0.3; Atari: 0.4).')
+  f('expl_schedule', 'exponential', 'exponential: halve the amount every '
+    '--expl_decay environment steps (the reference); linear: from '
+    '--expl_amount to --expl_min over the first --expl_updates updates '
+    '(gradient steps), then --expl_min (the paper\'s Atari schedule) (DMC: '
+    'exponential; Atari: linear).')
+  f('expl_decay', 0.0, 'exponential schedule: halve the amount every N '
+    'environment steps (0: constant).')
+  f('expl_updates', int(2e5), 'linear schedule: updates over which the '
+    'amount goes from --expl_amount to --expl_min.')
+  f('expl_min', 0.0, 'Floor of the exponential schedule, end of the linear '
+    'one (DMC: 0.0; Atari: 0.1).')
   return f
 
 
@@ -137,9 +170,18 @@ def define_config():
   return define_flags().defaults()
 
 
-# Atari needs discrete actions and a continuation head; the reference's
-# defaults crash there (docs/design.md section 8). Flags given still win.
-ATARI_DEFAULTS = dict(action_dist='onehot', pcont=True, expl='epsilon_greedy')
+# The defaults of atari_<game> tasks where they differ from DeepMind
+# Control's: the paper's discrete-control settings (its appendix), whole
+# games under the evaluation protocol of Machado et al. (2018), and a prefill
+# that holds a finished game (docs/design.md sections 6 and 8). They apply
+# after the defaults and the preset, except for the values the preset sets
+# itself (a preset is chosen on the command line); flags given win over all.
+# Each flag's --help text names its DMC and Atari values.
+ATARI_DEFAULTS = dict(
+    action_dist='onehot', pcont=True, expl='epsilon_greedy',
+    action_repeat=4, time_limit=108000, prefill=108000, horizon=10,
+    kl_scale=0.1, clip_rewards='tanh', expl_schedule='linear',
+    expl_amount=0.4, expl_min=0.1)
 
 # Named groups of flag values. Order: defaults, preset, Atari defaults, then
 # the flags given on the command line.
@@ -163,22 +205,24 @@ EVAL_FLAGS = ('logdir', 'mode', 'eval_episodes', 'eval_noise', 'seed',
 # Numeric flags and their valid values (NaN and infinity are never valid).
 RANGES = (
     (('batch_size', 'batch_length', 'envs', 'action_repeat', 'time_limit',
-      'horizon', 'steps', 'eval_every', 'train_every', 'eval_episodes'),
+      'horizon', 'steps', 'eval_every', 'train_every', 'eval_episodes',
+      'expl_updates'),
      lambda v: v >= 1, 'at least 1'),
     (('prefill', 'log_every', 'train_steps', 'pretrain', 'free_nats',
       'kl_scale', 'pcont_scale', 'weight_decay', 'model_lr', 'value_lr',
       'actor_lr', 'expl_amount', 'expl_decay', 'expl_min', 'eval_noise',
-      'seed', 'replay_size'), lambda v: v >= 0, 'at least 0'),
+      'seed', 'replay_size', 'atari_noops'), lambda v: v >= 0, 'at least 0'),
     (('grad_clip', 'action_init_std', 'env_timeout'), lambda v: v > 0,
      'above 0'),
-    (('discount', 'disclam', 'kl_balance'), lambda v: 0 <= v <= 1,
+    (('discount', 'disclam', 'kl_balance', 'atari_sticky'),
+     lambda v: 0 <= v <= 1,
      'in [0, 1]'),
 )
 
 CHOICES = dict(
     precision=(16, 32), parallel=('none', 'process'), mode=('train', 'eval'),
     strategy=distribute.STRATEGIES, scan=('unrolled', 'loop'),
-    on_nan=('stop', 'skip'),
+    on_nan=('stop', 'skip'), expl_schedule=('exponential', 'linear'),
     preset=tuple(PRESETS), clip_rewards=('none', 'tanh'),
     action_dist=('tanh_normal', 'onehot'),
     expl=('additive_gaussian', 'completely_random', 'epsilon_greedy'),
@@ -193,6 +237,14 @@ def parse_args(argv=None):
   parser = definitions.parser(
       __doc__.split('\n\n')[0],
       usage='python dreamer.py --logdir DIR [--task TASK] [--FLAG VALUE ...]')
+  items = [f'--{k} {v}' for k, v in ATARI_DEFAULTS.items()]
+  lines = ['Atari tasks (atari_<game>) default to:']
+  for item in items:
+    if len(lines[-1]) + len(item) > 76:
+      lines.append(' ')
+    lines[-1] += f' {item},' if item != items[-1] else f' {item}.'
+  lines.append('A --preset\'s own values and the flags given win over these.')
+  parser.epilog = '\n'.join(lines)
   given = vars(parser.parse_args(argv))
   if given.get('mode') == 'eval':
     return eval_config(defaults, given)
@@ -202,7 +254,9 @@ def parse_args(argv=None):
     raise ValueError(f'--preset {preset!r} is not one of {", ".join(PRESETS)}.')
   config.update(PRESETS[preset])
   if given.get('task', config['task']).startswith('atari_'):
-    config.update(ATARI_DEFAULTS)
+    # The preset's own values win (e.g. debug's short episodes).
+    config.update({k: v for k, v in ATARI_DEFAULTS.items()
+                   if k not in PRESETS[preset]})
   config.update(given)
   return types.SimpleNamespace(**config)
 
@@ -314,6 +368,13 @@ def check_config(config):
                      '--action_dist tanh_normal.')
   if config.expl == 'epsilon_greedy' and config.action_dist != 'onehot':
     raise ValueError('--expl epsilon_greedy needs --action_dist onehot.')
+  if not config.task.startswith('atari_'):
+    defaults = vars(define_config())
+    changed = [f'--{k}' for k in defaults if k.startswith('atari_') and
+               getattr(config, k) != defaults[k]]
+    if changed:
+      raise ValueError(f'{", ".join(changed)} apply to Atari tasks only, '
+                       f'not to --task {config.task}: leave them out.')
   devices = distribute.parse_devices(config.devices)
   if devices and config.strategy != 'mirrored':
     raise ValueError('--devices is for --strategy mirrored; with '
@@ -331,9 +392,15 @@ def check_config(config):
     wrappers.check_rendering()
 
 
-def expl_amount(config, step):
-  """Exploration amount at environment step `step`: expl_amount *
-  0.5 ** (step / expl_decay) when expl_decay > 0, never below expl_min."""
+def expl_amount(config, step, updates=0):
+  """Exploration amount at environment step `step` after `updates` updates.
+  --expl_schedule exponential (the reference's): expl_amount *
+  0.5 ** (step / expl_decay) when expl_decay > 0, never below expl_min.
+  linear (the paper's Atari schedule): expl_amount at update 0, falling
+  linearly to expl_min at expl_updates updates, expl_min after that."""
+  if config.expl_schedule == 'linear':
+    done = min(updates / config.expl_updates, 1.0)
+    return (1.0 - done) * config.expl_amount + done * config.expl_min
   amount = config.expl_amount
   if config.expl_decay:
     amount *= 0.5 ** (step / config.expl_decay)
@@ -444,7 +511,7 @@ class Run:
     """`steps` environment steps with the policy; before each policy step
     the agent trains when it is due (`train_if_due`), as in the reference."""
     def policy(images, reset, state):
-      amount = expl_amount(self.config, self.step)
+      amount = expl_amount(self.config, self.step, self.agent.updates)
       actions, state = self.policy(images, reset, state, True, amount)
       return faults.finite_actions(actions, self.step), state
     self._collect(policy, steps, 'collect', before_step=self.train_if_due)
@@ -630,6 +697,15 @@ def train(config):
     strategy, devices = hardware.setup_tensorflow(config, config.strategy)
     hardware.seed_everything(config.seed, distribute.worker_index(strategy))
     print(f'Logdir {logdir}, task {config.task}.')
+    cap, whole = config.time_limit, ATARI_DEFAULTS['time_limit']
+    print(f'Episode cap: {cap} frames ('
+          f'{replay.agent_steps(cap, config.action_repeat)} agent steps at '
+          f'action repeat {config.action_repeat})' + (
+              '.' if not config.task.startswith('atari_') else
+              ', the protocol\'s: Atari games play to their end.'
+              if cap >= whole else
+              f': --time_limit {cap} truncates Atari games (the protocol '
+              f'caps them at {whole} frames); returns are of cut games.'))
     print(devices)
     # Fails on a checkpoint that does not fit.
     run = make_run(config, strategy, lock)

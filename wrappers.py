@@ -177,20 +177,42 @@ class DeepMindControl:
 
 
 class Atari:
-  """An ALE game through gymnasium: the wrapper skips `action_repeat` frames,
-  max-pools the last two, resizes bilinearly, plays 1..noops random no-ops
-  at reset, and with `life_done` ends the episode (discount 0) on a lost
-  life. As in the reference, the next reset starts a new game. Takes
-  integer actions."""
+  """An ALE game through gymnasium (`ALE/<Game>-v5`, takes integer actions),
+  with the evaluation protocol of Machado et al. (2018) as options; the
+  defaults are the protocol's and the paper's Atari runs' (dreamer.py's
+  --atari_* flags and --action_repeat):
+
+    action_repeat (4): frames per agent step; the rewards are summed and
+      the last two frames max-pooled.
+    sticky (0.25): sticky actions, the probability that the ALE repeats the
+      previous frame's action instead of the given one, drawn every frame
+      (the ALE's repeat_action_probability); 0: off.
+    full_actions (False): all 18 actions, not the game's minimal set.
+    life_done (False): a lost life ends the episode with discount 0;
+      `make_env` sets it for training episodes only, so that evaluation
+      episodes play whole games.
+    grayscale (False): grey frames in three equal channels (the networks
+      and the episode format stay as they are) instead of colour, which the
+      paper used.
+    noops (30): 1 to `noops` random no-op frames after each reset (0: none).
+    size ((64, 64)): bilinear resize.
+
+  The ALE's own frame limit is off: `TimeLimit` (in `make_env`) caps the
+  episodes, counting the frames the agent acts in (not the no-ops), so that
+  a capped episode has exactly the cap's frames. As in the reference, the
+  next reset starts a new game (also after a lost life)."""
 
   def __init__(self, name, action_repeat=4, size=(64, 64), grayscale=False,
-               noops=30, life_done=False, sticky_actions=True, seed=None):
+               noops=30, life_done=False, sticky=0.25, full_actions=False,
+               seed=None):
     import ale_py
     gymnasium.register_envs(ale_py)
+    if not 0 <= sticky <= 1:
+      raise ValueError(f'sticky must be a probability, not {sticky}.')
     self._env = gymnasium.make(
-        _atari_id(name), frameskip=1, full_action_space=False,
-        repeat_action_probability=0.25 if sticky_actions else 0.0,
-        disable_env_checker=True)
+        _atari_id(name), frameskip=1, full_action_space=bool(full_actions),
+        repeat_action_probability=float(sticky),
+        max_num_frames_per_episode=None, disable_env_checker=True)
     self._ale = self._env.unwrapped.ale
     self._repeat = action_repeat
     self._size = tuple(size)
@@ -201,10 +223,8 @@ class Atari:
     self._random = np.random.default_rng(seed)
     self._lives = None
     self.action_space = self._env.action_space
-    channels = 1 if grayscale else 3
     self.observation_space = gymnasium.spaces.Dict({
-        'image': gymnasium.spaces.Box(0, 255, self._size + (channels,),
-                                      np.uint8)})
+        'image': gymnasium.spaces.Box(0, 255, self._size + (3,), np.uint8)})
 
   def reset(self):
     frame = self._new_game()
@@ -248,7 +268,9 @@ class Atari:
       image = image.convert('L')
     image = image.resize(self._size[::-1], Image.BILINEAR)
     image = np.asarray(image, np.uint8)
-    return {'image': image[..., None] if self._grayscale else image}
+    if self._grayscale:
+      image = np.repeat(image[..., None], 3, -1)
+    return {'image': image}
 
 
 # ---------------------------------------------------------------------------
@@ -431,18 +453,22 @@ class Collect(Wrapper):
 
 
 def make_env(task, *, action_repeat=2, time_limit=1000, size=(64, 64), seed=0,
-             train=True):
+             train=True, sticky=0.25, full_actions=False, life_done=True,
+             grayscale=False, noops=30):
   """Builds the environment for `task` (see `check_task` for the names).
-  `time_limit` counts environment frames; `train` makes a lost Atari life end
-  the episode. Seeds the dm_control task or the ALE (and its no-ops)."""
+  `time_limit` counts environment frames. Seeds the dm_control task or the
+  ALE (and its no-ops). The Atari options are those of `Atari`, and
+  `life_done` makes a lost life end training episodes (`train`) only;
+  DeepMind Control ignores them."""
   suite, name = _split_task(task)
   if suite == 'dmc':
     env = DeepMindControl(name, size, seed=seed)
     env = ActionRepeat(env, action_repeat)
     env = NormalizeActions(env)
   else:
-    env = Atari(name, action_repeat, size, grayscale=False, life_done=train,
-                sticky_actions=True, seed=seed)
+    env = Atari(name, action_repeat, size, grayscale=grayscale, noops=noops,
+                life_done=life_done and train, sticky=sticky,
+                full_actions=full_actions, seed=seed)
     env = OneHotAction(env)
   env = TimeLimit(env, replay.agent_steps(time_limit, action_repeat))
   env = Collect(env)
@@ -458,7 +484,10 @@ def make_envs(config, train):
   ctors = [functools.partial(
       make_env, config.task, action_repeat=config.action_repeat,
       time_limit=config.time_limit, seed=config.seed + index + (
-          0 if train else 10_000), train=train) for index in range(count)]
+          0 if train else 10_000), train=train, sticky=config.atari_sticky,
+      full_actions=config.atari_full_actions,
+      life_done=config.atari_life_done, grayscale=config.atari_grayscale,
+      noops=config.atari_noops) for index in range(count)]
   return Envs(ctors, config.parallel if train else 'none',
               timeout=config.env_timeout)
 
