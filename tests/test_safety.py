@@ -200,8 +200,10 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
 
 
 def test_a_killed_worker_stops_the_run_in_one_line_after_saving(tmp_path):
+  # Killed in the prefill, after the first episode: the run saves what it
+  # has and stops in one line.
   import psutil
-  process = start_training(tmp_path)
+  process = start_training(tmp_path, episodes=1)
   try:
     for child in psutil.Process(process.pid).children():
       child.kill()
@@ -217,7 +219,7 @@ def test_a_killed_worker_stops_the_run_in_one_line_after_saving(tmp_path):
   import tensorflow as tf
   step = int(tf.train.load_checkpoint(str(tmp_path / 'checkpoints'))
              .get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE'))
-  assert step >= 800
+  assert step >= 200
   # The lock is free again: the next run may start.
   assert rundir.Lock(tmp_path).acquire() is None
 
