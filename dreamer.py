@@ -179,7 +179,8 @@ def define_config():
 # Each flag's --help text names its DMC and Atari values.
 ATARI_DEFAULTS = dict(
     action_dist='onehot', pcont=True, expl='epsilon_greedy',
-    action_repeat=4, time_limit=108000, prefill=108000, horizon=10,
+    action_repeat=4, time_limit=wrappers.ATARI_CAP,
+    prefill=wrappers.ATARI_CAP, horizon=10,
     kl_scale=0.1, clip_rewards='tanh', expl_schedule='linear',
     expl_amount=0.4, expl_min=0.1)
 
@@ -674,19 +675,8 @@ def train(config):
   The other workers of a multi_worker run only `follow` the chief."""
   if config.strategy == 'multi_worker' and \
       distribute.read_tf_config()['task']['index'] != 0:
-    dreamer_tf.quiet_tensorflow()
-    strategy, devices = hardware.setup_tensorflow(config, config.strategy)
-    hardware.seed_everything(config.seed, distribute.worker_index(strategy))
-    print(devices)
-    return follower.follow(config, strategy)
-  logdir = pathlib.Path(config.logdir).expanduser()
-  if logdir.exists() and not logdir.is_dir():
-    raise rundir.LogdirError(f'--logdir {logdir} is a file, not a folder.')
-  try:
-    logdir.mkdir(parents=True, exist_ok=True)
-  except OSError as error:
-    raise rundir.LogdirError(
-        f'cannot create --logdir {logdir}: {error.strerror}.') from None
+    return follower.start(config)
+  logdir = rundir.create(config.logdir)
   lock = rundir.Lock(logdir)
   notice = lock.acquire()
   try:
@@ -697,15 +687,8 @@ def train(config):
     strategy, devices = hardware.setup_tensorflow(config, config.strategy)
     hardware.seed_everything(config.seed, distribute.worker_index(strategy))
     print(f'Logdir {logdir}, task {config.task}.')
-    cap, whole = config.time_limit, ATARI_DEFAULTS['time_limit']
-    print(f'Episode cap: {cap} frames ('
-          f'{replay.agent_steps(cap, config.action_repeat)} agent steps at '
-          f'action repeat {config.action_repeat})' + (
-              '.' if not config.task.startswith('atari_') else
-              ', the protocol\'s: Atari games play to their end.'
-              if cap >= whole else
-              f': --time_limit {cap} truncates Atari games (the protocol '
-              f'caps them at {whole} frames); returns are of cut games.'))
+    print(wrappers.describe_cap(
+        config.task, config.time_limit, config.action_repeat))
     print(devices)
     # Fails on a checkpoint that does not fit.
     run = make_run(config, strategy, lock)

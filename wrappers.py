@@ -452,6 +452,26 @@ class Collect(Wrapper):
     return entry
 
 
+# The episode cap of the Atari evaluation protocol (Machado et al. 2018):
+# 108,000 frames, 30 minutes of play, 27,000 agent steps at action repeat 4.
+ATARI_CAP = 108_000
+
+
+def describe_cap(task, time_limit, action_repeat):
+  """The start-up line about the episode cap in effect; for Atari, whether
+  it lets games play to their end or truncates them."""
+  line = (f'Episode cap: {time_limit} frames ('
+          f'{replay.agent_steps(time_limit, action_repeat)} agent steps at '
+          f'action repeat {action_repeat})')
+  if not task.startswith('atari_'):
+    return line + '.'
+  if time_limit >= ATARI_CAP:
+    return line + ", the protocol's: Atari games play to their end."
+  return line + (f': --time_limit {time_limit} truncates Atari games (the '
+                 f'protocol caps them at {ATARI_CAP} frames); returns are of '
+                 'cut games.')
+
+
 def make_env(task, *, action_repeat=2, time_limit=1000, size=(64, 64), seed=0,
              train=True, sticky=0.25, full_actions=False, life_done=True,
              grayscale=False, noops=30):

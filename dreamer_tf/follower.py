@@ -5,8 +5,19 @@ import pathlib
 import sys
 
 import wrappers
-from dreamer_tf import distribute, replay
+from dreamer_tf import distribute, hardware, replay
 from dreamer_tf.faults import non_finite
+
+
+def start(config):
+  """The whole process of a worker other than the chief: TensorFlow, its
+  devices and seeds, then `follow`. Returns the exit status."""
+  import dreamer_tf
+  dreamer_tf.quiet_tensorflow()
+  strategy, devices = hardware.setup_tensorflow(config, config.strategy)
+  hardware.seed_everything(config.seed, distribute.worker_index(strategy))
+  print(devices)
+  return follow(config, strategy)
 
 
 def follow(config, strategy):

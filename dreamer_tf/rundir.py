@@ -37,6 +37,20 @@ class LogdirError(ValueError):
   """A logdir that cannot be used; the message is one line with the fix."""
 
 
+def create(logdir):
+  """The --logdir folder as a Path, made if missing; LogdirError (one line)
+  when it is a file or cannot be made."""
+  logdir = pathlib.Path(logdir).expanduser()
+  if logdir.exists() and not logdir.is_dir():
+    raise LogdirError(f'--logdir {logdir} is a file, not a folder.')
+  try:
+    logdir.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise LogdirError(
+        f'cannot create --logdir {logdir}: {error.strerror}.') from None
+  return logdir
+
+
 class Lock:
   """Exclusive ownership of a logdir by this process (see module doc).
 
