@@ -770,7 +770,18 @@ def main(argv=None):
   parser.add_argument('--logdir', default='./logdir',
                       help='logdir, task folder, run folder or metrics.jsonl')
   parser.add_argument('--out', default='plots', help='folder for the PNGs')
+  parser.add_argument(
+      '--milestones', default=','.join(str(m) for m in MILESTONES),
+      help='environment steps at which the tables compare returns, '
+      'comma-separated (each is scored at the paper\'s logged step nearest '
+      'it, e.g. 1.05e5 for 1e5; default: %(default)s)')
   args = parser.parse_args(argv)
+  try:
+    milestones = tuple(int(float(m)) for m in args.milestones.split(','))
+  except ValueError:
+    print(f'error: --milestones {args.milestones!r} is not a comma-separated '
+          'list of steps, e.g. 100000,500000', file=sys.stderr)
+    return 1
   logdir, out = Path(args.logdir), Path(args.out)
   if not logdir.exists():
     print(f'error: logdir {logdir} does not exist', file=sys.stderr)
@@ -795,10 +806,10 @@ def main(argv=None):
     print(f'wrote {path}')
   for line in provenance_warnings(runs):
     print(line, file=sys.stderr)
-  rows = milestone_table(runs)
+  rows = milestone_table(runs, milestones)
   write_csv(rows, out / 'summary.csv')
   print(f'wrote {out / "summary.csv"}')
-  stats = statistics(runs)
+  stats = statistics(runs, milestones)
   write_statistics_csv(stats, out / 'statistics.csv')
   print(f'wrote {out / "statistics.csv"}')
   print()

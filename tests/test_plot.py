@@ -378,3 +378,23 @@ def test_runs_from_different_code_are_named(tmp_path):
     'warning: the dreamer runs in this comparison come from different code: '
     'commits aaaaaaaaaa (2 runs), bbbbbbbbbb (1 run); TensorFlow 2.20.0 '
     '(1 run), 2.21.0 (2 runs).']
+
+
+def test_milestones_flag_picks_the_compared_steps(tmp_path, capsys):
+  # A short run is compared at the steps it reached: 5,000 is a step the
+  # paper logged (5e3 + k * 1e5), so both sides are scored there.
+  logdir = tmp_path / 'logdir'
+  write_run(logdir / TASK / 'dreamer' / '0', {1000: 10, 4000: 40, 6000: 99},
+            last_step=6000)
+  write_run(logdir / TASK / 'dreamer' / '1', {1000: 20, 4000: 60, 6000: 99},
+            last_step=6000)
+  status = plot.main(['--logdir', str(logdir), '--out', str(tmp_path / 'p'),
+                      '--milestones', '5000'])
+  out = capsys.readouterr().out
+  assert status == 0
+  [row] = [re.split(r'\s{2,}', line.strip()) for line in out.splitlines()
+           if line.startswith(TASK + ' ')]
+  assert row[:4] == [TASK, 'dreamer', '2', '50 (n=2)']  # (40 + 60) / 2
+  assert row[4] == f'{paper_means(TASK, [5000])[0]:.0f}'
+  assert plot.main(['--logdir', str(logdir), '--milestones', '1e5,x']) == 1
+  assert '--milestones' in capsys.readouterr().err
