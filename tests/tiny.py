@@ -8,10 +8,14 @@ import dreamer
 
 def tiny_config(**overrides):
   """The defaults with the sizes of `--preset debug` (the one definition of
-  the tests' tiny sizes) and a 5-step imagination horizon."""
+  the tests' tiny sizes) and a 5-step imagination horizon. The loops are
+  the reference's unrolled ones (the default), which the golden and
+  gradient-routing tests check; --preset debug's symbolic loops are
+  compared with them in test_agent."""
   config = dreamer.define_config()
   vars(config).update(dreamer.PRESETS['debug'])
   config.horizon = 5
+  config.scan = 'unrolled'
   vars(config).update(overrides)
   return config
 
