@@ -21,7 +21,6 @@ import numpy as np
 
 # None of these imports TensorFlow: workers import them, and flags are
 # checked before TensorFlow loads (replay needs it only for datasets).
-import dreamer_tf
 import wrappers
 from dreamer_tf import (
   checkpoint,
@@ -685,9 +684,8 @@ def train(config):
     if notice:
       print(notice)
     changes = rundir.check_rerun(logdir, config)
-    dreamer_tf.quiet_tensorflow()  # The flags are fine: now load TensorFlow.
-    strategy, devices = hardware.setup_tensorflow(config, config.strategy)
-    hardware.seed_everything(config.seed, distribute.worker_index(strategy))
+    # The flags are fine: now load TensorFlow.
+    strategy, devices = hardware.start(config, config.strategy)
     print(f'Logdir {logdir}, task {config.task}.')
     print(wrappers.describe_cap(
         config.task, config.time_limit, config.action_repeat))
@@ -735,9 +733,7 @@ def main(argv=None):
     sys.exit(f'dreamer.py: error: {error}')
   try:
     if config.mode == 'eval':
-      dreamer_tf.quiet_tensorflow()
-      print(hardware.setup_tensorflow(config)[1])  # On one device.
-      hardware.seed_everything(config.seed)
+      print(hardware.start(config)[1])  # On one device.
       status = evaluate.evaluate_checkpoint(config)
     else:
       status = train(config)

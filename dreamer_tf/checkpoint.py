@@ -8,14 +8,13 @@ absolute paths that earlier versions wrote after a fallback. Only the run's
 owner (the trainer) rewrites the index; readers (--mode eval) fall back in
 memory and write nothing."""
 
-import contextlib
 import os
 import pathlib
 import re
 import shutil
 import time
 
-from dreamer_tf import progress
+from dreamer_tf import progress, rundir
 
 _NAME = re.compile(r'ckpt-(\d+)\.index')
 
@@ -120,7 +119,10 @@ class Checkpointer:
       try:
         if not os.path.exists(path + '.index'):
           raise FileNotFoundError('its files are missing')
-        self._restorer.restore(path).assert_existing_objects_matched()
+        # The policy entry is read on its own (_saved_policy): expected
+        # unmatched here, so TensorFlow does not warn about it.
+        self._restorer.restore(path).assert_existing_objects_matched() \
+            .expect_partial()
         saved = self._saved_policy(path)
       except (ValueError, AssertionError) as error:
         first = str(error).strip().splitlines()[0][:200]
@@ -205,15 +207,8 @@ class Checkpointer:
         all_model_checkpoint_paths=names,
         all_model_checkpoint_timestamps=stamps,
         last_preserved_timestamp=stamps[0] - 1)
-    index = self._directory / 'checkpoint'
-    temporary = index.with_name(f'checkpoint.{os.getpid()}.tmp')
-    try:
-      temporary.write_text(text_format.MessageToString(state))
-      os.replace(temporary, index)
-    except OSError:
-      with contextlib.suppress(OSError):  # Nothing to remove, or read-only.
-        temporary.unlink()
-      raise
+    rundir.write_atomic(self._directory / 'checkpoint',
+                        text_format.MessageToString(state))
 
   def save(self, step):
     if not self._owner:

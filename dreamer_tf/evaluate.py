@@ -1,16 +1,14 @@
 """Evaluation episodes of the policy, and --mode eval: the saved policy of a
 run, played and reported without training."""
 
-import contextlib
 import json
-import os
 import pathlib
 import sys
 
 import numpy as np
 
 import wrappers
-from dreamer_tf import progress
+from dreamer_tf import progress, rundir
 from dreamer_tf.checkpoint import Checkpointer
 from dreamer_tf.faults import finite_actions
 
@@ -71,14 +69,7 @@ def report(task, result, episodes, outdir):
   path = outdir / 'returns.json'
   try:
     outdir.mkdir(exist_ok=True)
-    temporary = path.with_name(f'.returns.json.{os.getpid()}.tmp')
-    try:
-      temporary.write_text(json.dumps(result, indent=2) + '\n')
-      os.replace(temporary, path)
-    except OSError:
-      with contextlib.suppress(OSError):  # Nothing to remove, or read-only.
-        temporary.unlink()
-      raise
+    rundir.write_atomic(path, json.dumps(result, indent=2) + '\n')
   except OSError as error:
     _cannot_write(path, error, outdir, 'the result above is not saved')
     return False

@@ -12,10 +12,7 @@ from dreamer_tf.faults import non_finite
 def start(config):
   """The whole process of a worker other than the chief: TensorFlow, its
   devices and seeds, then `follow`. Returns the exit status."""
-  import dreamer_tf
-  dreamer_tf.quiet_tensorflow()
-  strategy, devices = hardware.setup_tensorflow(config, config.strategy)
-  hardware.seed_everything(config.seed, distribute.worker_index(strategy))
+  strategy, devices = hardware.start(config, config.strategy)
   print(devices)
   return follow(config, strategy)
 

@@ -16,6 +16,18 @@ from dreamer_tf import distribute
 WORKER_SEED_STRIDE = 1_000_000
 
 
+def start(config, strategy='default'):
+  """TensorFlow for a process that trains or evaluates, once its flags are
+  checked: imported quietly, then GPU memory growth and the strategy
+  (`setup_tensorflow`), then the seeds of this worker. Returns the strategy
+  (None for 'default') and the devices line."""
+  import dreamer_tf
+  dreamer_tf.quiet_tensorflow()
+  strategy, devices = setup_tensorflow(config, strategy)
+  seed_everything(config.seed, distribute.worker_index(strategy))
+  return strategy, devices
+
+
 def seed_everything(seed, worker=0):
   """Seeds Python's, NumPy's and TensorFlow's global generators for worker
   `worker` (its index in a multi_worker run; 0 on the chief and with one

@@ -14,6 +14,7 @@ refused (`check_rerun`); the others may change, and `store_config` keeps the
 old values under `_history`. Imports no TensorFlow.
 """
 
+import contextlib
 import datetime
 import fcntl
 import importlib.metadata
@@ -31,6 +32,21 @@ FIXED = ('task', 'action_repeat', 'time_limit', 'action_dist', 'pcont',
          'cnn_depth')
 
 HISTORY = '_history'
+
+
+def write_atomic(path, text):
+  """Writes `text` to `path` under a temporary name beside it, then renames
+  it over `path`: a reader sees the old file or the new one, never half of
+  one. On failure the temporary file is removed and the OSError raised."""
+  path = pathlib.Path(path)
+  temporary = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+  try:
+    temporary.write_text(text)
+    os.replace(temporary, path)
+  except OSError:
+    with contextlib.suppress(OSError):  # Nothing to remove, or read-only.
+      temporary.unlink()
+    raise
 
 
 class LogdirError(ValueError):
@@ -166,6 +182,35 @@ class Lock:
       self._file = None
 
 
+def lock_owner(logdir):
+  """'pid N on HOST' while a process holds `<logdir>/lock`, else None, for
+  readers such as `python -m dreamer_tf.sweep --status`: it never writes
+  the file and never waits for the lock."""
+  try:
+    handle = open(pathlib.Path(logdir) / 'lock')
+  except OSError:
+    return None
+  with handle:
+    try:
+      text = handle.read().strip()
+    except OSError:
+      return None
+    if not text:  # No owner: never probed, so a starting run is not raced.
+      return None
+    try:
+      fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      try:
+        owner = json.loads(text)
+        return f'pid {owner["pid"]} on {owner["host"]}'
+      except (ValueError, TypeError, KeyError):
+        return 'owner unknown'
+    except OSError:  # No locks on this filesystem: cannot tell.
+      return None
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    return None  # A stale lock of a killed run.
+
+
 def _same_file(handle, path):
   """Whether the open `handle` is the file now at `path`."""
   try:
@@ -236,9 +281,7 @@ def store_config(logdir, config, changes):
   content = dict(vars(config))
   if history:
     content[HISTORY] = history
-  temporary = path.with_name('config.json.tmp')
-  temporary.write_text(json.dumps(content, indent=2) + '\n')
-  os.replace(temporary, path)
+  write_atomic(path, json.dumps(content, indent=2) + '\n')
 
 
 # ---------------------------------------------------------------- provenance

@@ -60,7 +60,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import json
 import math
 import os
@@ -246,7 +245,7 @@ def run_state(logdir, steps=None, now=None):
   record = _read_json(logdir / RECORD)
   state = State('not started', step=step, steps=steps, ret=ret,
                 age=_age(logdir, now), record=record)
-  owner = lock_owner(logdir)
+  owner = rundir.lock_owner(logdir)
   kind = (record or {}).get('state')
   if owner:
     state.state, state.detail = 'running', owner
@@ -262,33 +261,6 @@ def run_state(logdir, steps=None, now=None):
     state.state = 'stopped'
     state.detail = 'no exit recorded (killed?); a rerun resumes it'
   return state
-
-
-def lock_owner(logdir):
-  """'pid N on HOST' while a process holds `<logdir>/lock`, else None."""
-  try:
-    handle = open(pathlib.Path(logdir) / 'lock')
-  except OSError:
-    return None
-  with handle:
-    try:
-      text = handle.read().strip()
-    except OSError:
-      return None
-    if not text:  # No owner: never probed, so a starting run is not raced.
-      return None
-    try:
-      fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-      try:
-        owner = json.loads(text)
-        return f'pid {owner["pid"]} on {owner["host"]}'
-      except (ValueError, TypeError, KeyError):
-        return 'owner unknown'
-    except OSError:  # No locks on this filesystem: cannot tell.
-      return None
-    fcntl.flock(handle, fcntl.LOCK_UN)
-    return None  # A stale lock of a killed run.
 
 
 def read_progress(path, chunk=1 << 16):
@@ -902,10 +874,7 @@ def _read_json(path):
 
 
 def _write_json(path, content):
-  path = pathlib.Path(path)
-  temporary = path.with_name(f'{path.name}.{os.getpid()}.tmp')
-  temporary.write_text(json.dumps(content, indent=1) + '\n')
-  os.replace(temporary, path)
+  rundir.write_atomic(path, json.dumps(content, indent=1) + '\n')
 
 
 if __name__ == '__main__':

@@ -75,7 +75,7 @@ def trainer_pid(path):
   """The pid of dreamer.py in `path`, once it has stored an episode (so
   that its SIGTERM handler is in place)."""
   wait_until(lambda: list((path / 'episodes').glob('*.npz')) and
-             sweep.lock_owner(path), f'an episode in {path}')
+             rundir.lock_owner(path), f'an episode in {path}')
   return json.loads((path / 'lock').read_text())['pid']
 
 
@@ -122,7 +122,7 @@ def cleanup():
   for root in roots:
     for path in root.glob('*/dreamer/*'):
       pids = []
-      if sweep.lock_owner(path):
+      if rundir.lock_owner(path):
         pids.append(json.loads((path / 'lock').read_text())['pid'])
       if record(path).get('cluster') == 'local' and record(path).get('job'):
         pids.append(int(record(path)['job']))
