@@ -91,7 +91,7 @@ class Dreamer:
     self.strategy = strategy
     with strategy.scope() if strategy else contextlib.nullcontext():
       self._create(config, act_dim, image_shape, policy)
-    step = tf.function(self._train) if strategy is None else (
+    step = tools.graph(self._train) if strategy is None else (
         distribute.Trainer(strategy, self._train))
     self.train = step
     if self.policy == 'mixed_float16':
@@ -101,7 +101,7 @@ class Dreamer:
       # the window infinite (docs/doctor.md).
       self.train = lambda *args, **kwargs: tools.Optimizer.applied_norms(
           step(*args, **kwargs))
-    self.open_loop = tf.function(lambda data: open_loop(self, data))
+    self.open_loop = tools.graph(lambda data: open_loop(self, data))
 
   def _create(self, config, act_dim, image_shape, policy):
     self.config = c = config
@@ -359,7 +359,7 @@ class Policy:
     self._agent = agent
     self._discrete = agent.config.action_dist == 'onehot'
     self._expl = agent.config.expl
-    self._step = tf.function(self._policy)
+    self._step = tools.graph(self._policy)
 
   def __call__(self, image, reset, state, training, amount):
     if state is None:

@@ -179,6 +179,7 @@ def profile(precision, batch_size, batch_length, steps, settings=''):
   import tensorflow as tf
 
   import dreamer
+  import tools
   from dreamer_tf.agent import Dreamer
 
   config = apply_settings(dreamer.define_config(), settings)
@@ -202,7 +203,7 @@ def profile(precision, batch_size, batch_length, steps, settings=''):
         out = forward()
       seed = None if out.shape.rank == 0 else cotangent(out)
       return tape.gradient(out, variables + inputs, output_gradients=seed)
-    return tf.function(forward), tf.function(both)
+    return tools.graph(forward), tools.graph(both)
   model_vars = lambda *parts: [v for p in parts for v in p.trainable_variables]
   def kl():
     return tf.reduce_mean(tfp_kl(dyn.get_dist(post), dyn.get_dist(prior)))
@@ -240,7 +241,7 @@ def profile(precision, batch_size, batch_length, steps, settings=''):
                      total_s=total))
   for opt in (agent.model_opt, agent.actor_opt, agent.value_opt):
     grads = [tf.zeros_like(v) for v in opt.variables]
-    apply = tf.function(lambda opt=opt, grads=grads: opt.update(grads))
+    apply = tools.graph(lambda opt=opt, grads=grads: opt.update(grads))
     rows.append(dict(phase=f'{opt.name} optimizer (clip, Adam)',
                      forward_s=0.0, backward_s=0.0,
                      total_s=timed(apply, steps)))

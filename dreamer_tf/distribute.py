@@ -193,10 +193,10 @@ class Trainer:
   equal slice, and returns the metrics averaged over all replicas."""
 
   def __init__(self, strategy, step):
-    import tensorflow as tf
+    import tools
     self._strategy, self._step = strategy, step
     self._local = len(strategy.extended.worker_devices)
-    self._run = tf.function(self._run_replicas)
+    self._run = tools.graph(self._run_replicas)
 
   def __call__(self, data, noise=None):
     import tensorflow as tf
@@ -291,10 +291,10 @@ class Team:
   LOST = ('UnavailableError', 'AbortedError', 'DeadlineExceededError')
 
   def __init__(self, strategy):
-    import tensorflow as tf
+    import tools
     self._strategy = strategy
-    self._order = tf.function(self._replica_order)
-    self._sum = tf.function(self._replica_sum)
+    self._order = tools.graph(self._replica_order)
+    self._sum = tools.graph(self._replica_sum)
     self.index, self.hosts = worker_index(strategy), hosts(strategy)
     # No more orders: sent STOP, all stopped on NaN, or a worker was lost.
     self.stopped = False
@@ -380,6 +380,8 @@ class Team:
   def share_weights(self, variables):
     """Every worker's `variables` take the chief's values (all call it)."""
     import tensorflow as tf
+
+    import tools
     variables = list(variables)
     def fn():
       context = tf.distribute.get_replica_context()
@@ -388,7 +390,7 @@ class Team:
                 for v in variables]
       return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
     with self.together('the start'):
-      results = self._strategy.run(tf.function(fn))
+      results = self._strategy.run(tools.graph(fn))
       local = self._strategy.experimental_local_results
       for var, value in zip(variables, results):
         var.assign(tf.cast(local(value)[0], var.dtype))
