@@ -8,6 +8,18 @@ import pytest
 from runs import ROOT
 
 
+def pytest_collection_modifyitems(items):
+  """The order in which pytest-xdist hands the tests to its workers (the
+  README runs `-n 2 --dist loadgroup --no-loadscope-reorder`): the slow ones
+  (real training runs, marker `slow`) first, the quick tier last, each in
+  the order of the files. Started last, one long test would keep a worker
+  busy minutes after the other ran out of work."""
+  def rank(item):
+    return (item.get_closest_marker('slow') is None,
+            item.get_closest_marker('quick') is not None)
+  items.sort(key=rank)  # Stable: the files' order within each rank.
+
+
 @pytest.fixture(scope='session')
 def trained_run(tmp_path_factory):
   """One finished tiny training run, started once for every test that reads

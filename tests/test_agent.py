@@ -413,6 +413,7 @@ def reference_step():
     dict(scan='loop', save_memory=False),
     dict(scan='unrolled', save_memory=True),
     dict(scan='loop', save_memory=True)])
+@pytest.mark.xdist_group('reference_step')
 def test_speed_and_memory_options_give_the_same_step(option, reference_step):
   # --scan loop (tf.scan) and --save_memory (another schedule) against the
   # reference's unrolled loops and schedule, which the golden tests check:

@@ -26,6 +26,7 @@ def bench(*flags):
   return result.stdout
 
 
+@pytest.mark.slow
 def test_profile_covers_every_phase_of_the_step():
   out = bench('--profile')
   result = json.loads(out.strip().splitlines()[-1])
@@ -41,6 +42,7 @@ def test_profile_covers_every_phase_of_the_step():
   assert 'sum of the phases' in out and 'cores busy' in out
 
 
+@pytest.mark.slow
 def test_against_compares_with_a_commit_in_a_temporary_worktree():
   before = subprocess.run(['git', 'worktree', 'list'], cwd=ROOT,
                           capture_output=True, text=True).stdout

@@ -15,6 +15,9 @@ import pytest
 from dreamer_tf import evaluate
 from dreamer_tf.checkpoint import Checkpointer
 
+# One worker builds the file's agents (pytest.ini: -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('checkpoint')
+
 
 @pytest.fixture(scope='module')
 def agents():

@@ -51,6 +51,8 @@ def assert_same_update(results, rtol, atol=1e-6):
 
 
 @pytest.mark.parametrize('free_nats', ['0', 'straddle'])
+@pytest.mark.slow
+@pytest.mark.xdist_group('mirrored_steps')
 def test_mirrored_step_equals_the_single_device_step(mirrored_steps,
                                                      free_nats):
   # Same weights, global batch and random draws (standard normals passed in
@@ -67,6 +69,8 @@ def test_mirrored_step_equals_the_single_device_step(mirrored_steps,
   assert results['single/updates'] == results['mirrored/updates'] == 1
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('mirrored_steps')
 def test_mirrored_step_with_float16_loss_scaling(mirrored_steps):
   # The GPU path: mixed_float16 with loss scaling, forced on the CPU.
   results = mirrored_steps['mixed_float16-0']
@@ -132,9 +136,11 @@ def fingerprint(stdout):
   return lines[0].split('fingerprint ')[1].rstrip('.')
 
 
+@pytest.mark.slow
 def test_multi_worker_trains_on_two_local_workers_and_resumes(tmp_path):
   logdir = tmp_path / 'run'
-  for steps, updates in ((1500, 4), (2500, 8)):
+  # 1000 steps: 2 pretraining updates at 500; then 1500: 2 more at 1000.
+  for steps, updates in ((1000, 2), (1500, 4)):
     chief, worker = start_workers(logdir, '--steps', steps)
     chief_out, chief_err = chief.communicate(timeout=600)
     assert chief.returncode == 0, chief_err[-3000:]
@@ -158,9 +164,10 @@ def test_multi_worker_trains_on_two_local_workers_and_resumes(tmp_path):
   reader = tf.train.load_checkpoint(str(logdir / 'checkpoints'))
   key = [k for k in reader.get_variable_to_shape_map()
          if k.startswith('model_opt_adam/') and 'iteration' in k][0]
-  assert int(reader.get_tensor(key)) == 8
+  assert int(reader.get_tensor(key)) == 4
 
 
+@pytest.mark.slow
 def test_stopping_the_chief_saves_and_stops_every_worker(tmp_path):
   # SIGTERM, which the run treats as Ctrl-C (SIGINT may be ignored when the
   # tests run in the background).
@@ -197,6 +204,7 @@ def wait_for_episodes(chief, logdir):
 
 
 @pytest.mark.parametrize('killed', ['chief', 'worker 1'])
+@pytest.mark.slow
 def test_a_killed_worker_is_named_by_the_other_in_one_line(tmp_path, killed):
   import re
 
@@ -253,6 +261,7 @@ def survivors(seen):
           if pid in now and now[pid][1] != 'Z' and now[pid][2] == start]
 
 
+@pytest.mark.slow
 def test_three_environment_processes_end_to_end(tmp_path):
   # 3 envs x 100 agent steps x repeat 2: each round of episodes is 600
   # steps; prefill one round, train during the second.
@@ -340,6 +349,7 @@ def one_line(stderr):
   return lines[0]
 
 
+@pytest.mark.slow
 def test_a_worker_with_another_logdir_stops_every_worker_in_one_line(
     tmp_path):
   import re

@@ -39,6 +39,8 @@ def updates(logdir):
   return int(reader.get_tensor(keys[0]))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('trained_run')
 def test_dmc_end_to_end_then_resume(tmp_path, trained_run):
   # The first run (1500 steps) is the shared one; the resume works on a copy.
   shared, first = trained_run
@@ -77,7 +79,7 @@ def test_dmc_end_to_end_then_resume(tmp_path, trained_run):
     assert check in doctor.stdout
 
   second = run('--logdir', logdir, '--task', 'dmc_cartpole_balance', *TINY,
-               '--steps', 2500)
+               '--steps', 2000)
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'Resumed from' in second.stdout and 'at step 1500' in second.stdout
   # Each start recorded what produced it (docs/reproduce.md).
@@ -88,12 +90,12 @@ def test_dmc_end_to_end_then_resume(tmp_path, trained_run):
   assert starts[-1]['versions']['tensorflow'] == '2.21.0'
   # No second prefill: every new episode came from the policy, after 1500.
   new = sorted(set((logdir / 'episodes').glob('*.npz')) - set(episodes))
-  assert len(new) == 5
-  # No second pretraining: 2 updates at 1500 and 2 at 2000, not 2 + pretrain.
-  assert updates(logdir) == 8
+  assert len(new) == 2
+  # No second pretraining: 2 updates at 1500, not 2 + pretrain.
+  assert updates(logdir) == 6
   metrics = read_metrics(logdir)
   steps = [m['step'] for m in metrics]
-  assert max(steps) == 2500 and steps == sorted(steps)
+  assert max(steps) == 2000 and steps == sorted(steps)
   # Validation signals are logged beside the losses.
   for key in ('reward_corr', 'image_mse', 'openl_mse_h1', 'openl_mse_h5'):
     assert any(key in m and np.isfinite(m[key]) for m in metrics), key
@@ -102,7 +104,7 @@ def test_dmc_end_to_end_then_resume(tmp_path, trained_run):
   evaluation = run('--logdir', logdir, '--mode', 'eval', '--eval_episodes', 2)
   assert evaluation.returncode == 0, evaluation.stderr[-3000:]
   result = json.loads((logdir / 'eval' / 'returns.json').read_text())
-  assert result['step'] == 2500 and len(result['returns']) == 2
+  assert result['step'] == 2000 and len(result['returns']) == 2
   assert result['mean'] == pytest.approx(np.mean(result['returns']))
   assert result['std'] == pytest.approx(np.std(result['returns']))
   assert f"{result['mean']:.1f}" in evaluation.stdout
@@ -122,6 +124,8 @@ def test_eval_of_a_logdir_without_checkpoint_is_one_line(tmp_path):
   assert 'no checkpoint' in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('trained_run')
 def test_eval_of_a_checkpoint_of_another_action_space(tmp_path, trained_run):
   # A cartpole (1 action dim) checkpoint under a config that says walker
   # (6 dims): the shapes do not fit, which is one clear line. (Training in
@@ -139,6 +143,7 @@ def test_eval_of_a_checkpoint_of_another_action_space(tmp_path, trained_run):
   assert 'does not fit' in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_atari_end_to_end(tmp_path):
   logdir = tmp_path / 'atari_pong'
   result = run('--logdir', logdir, '--task', 'atari_pong', *TINY,
@@ -212,6 +217,7 @@ def test_presets_and_flag_precedence():
     dreamer.parse_args(['--logdir', 'x', '--preset', 'gpu'])
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
   # In the prefill, after its first episode; SIGTERM, as a scheduler sends
   # it, is tested during training on a run that readers read

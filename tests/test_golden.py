@@ -16,7 +16,8 @@ import tools
 from dreamer_tf import networks
 from dreamer_tf.rssm import RSSM
 
-pytestmark = pytest.mark.quick  # The inner-loop tier (pytest.ini).
+# The inner-loop tier; one worker for the file's reference fixture (-n 2).
+pytestmark = [pytest.mark.quick, pytest.mark.xdist_group('golden')]
 
 tfd = tfp.distributions
 FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'golden_tiny.npz'

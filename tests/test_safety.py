@@ -199,6 +199,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
                          tmp_path).restore()
 
 
+@pytest.mark.slow
 def test_a_killed_worker_stops_the_run_in_one_line_after_saving(tmp_path):
   # Killed in the prefill, after the first episode: the run saves what it
   # has and stops in one line.
@@ -245,6 +246,7 @@ def test_a_resume_restores_the_optimizer_state_exactly(tmp_path):
       np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path):
   # One logdir, killed with SIGKILL in the prefill, then (rerun) in the
   # pretraining, then (rerun) in the training, then rerun to its end: each
@@ -283,7 +285,7 @@ def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path):
     kept.update(files())
     before = (max(logged()), replay.count_steps(tmp_path / 'episodes', 2))
   result = run('--logdir', tmp_path, '--task', 'dmc_cartpole_balance',
-               '--preset', 'debug', '--steps', 2000)
+               '--preset', 'debug', '--steps', 1400)
   assert result.returncode == 0, result.stderr[-2000:]
   # It goes on from where the killed run had got to, not from before.
   start = start_of(result.stdout)
@@ -297,7 +299,7 @@ def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path):
   # The episodes hold the steps run after each kill, once each: the new
   # files' steps plus the old ones never exceed the final count, and no
   # episode was stored twice (a rerun continues the random stream).
-  assert replay.count_steps(tmp_path / 'episodes', 2) <= 2000
+  assert replay.count_steps(tmp_path / 'episodes', 2) <= 1400
   assert len(after) > len(kept)
   actions = set()
   for name in after:
@@ -306,9 +308,10 @@ def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path):
   assert len(actions) == len(after)
   # The step count never went backwards, across all four processes.
   steps = logged()
-  assert steps == sorted(steps) and steps[-1] == 2000
+  assert steps == sorted(steps) and steps[-1] == 1400
 
 
+@pytest.mark.slow
 def test_readers_work_on_a_run_being_trained_and_sigterm_saves(tmp_path):
   # A save after every 600 steps: the first at 1100.
   process = start_training(tmp_path, 4, '--eval_every', 600)
@@ -343,6 +346,7 @@ def test_readers_work_on_a_run_being_trained_and_sigterm_saves(tmp_path):
   assert saved == step
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_at_the_first_nan_in_one_line(tmp_path):
   # A learning rate of 1e30 throws the weights far away in one update; the
   # next loss is not finite.

@@ -25,13 +25,13 @@ FLAGS = ('--preset', 'debug', '--steps', '600')
 HEADER = ['task', 'seed', 'steps', 'return', 'last write', 'state']
 
 
-def sweep_command(root, *options):
+def sweep_command(root, *options, tasks=TASKS, seeds='0-1'):
   return [sys.executable, '-m', 'dreamer_tf.sweep', '--root', str(root),
-          '--tasks', TASKS, '--seeds', '0-1', *options, *FLAGS]
+          '--tasks', tasks, '--seeds', seeds, *options, *FLAGS]
 
 
-def run_sweep(root, *options, timeout=600):
-  return subprocess.run(sweep_command(root, *options), cwd=ROOT,
+def run_sweep(root, *options, timeout=600, **runs):
+  return subprocess.run(sweep_command(root, *options, **runs), cwd=ROOT,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -138,64 +138,68 @@ def cleanup():
           pass
 
 
+@pytest.mark.slow
 def test_submitit_sweep_resumes_a_preempted_run_and_skips_finished_ones(
     tmp_path, cleanup):
-  """Through submitit's LocalExecutor: 2 tasks x 2 seeds; one run is
-  preempted the way Slurm does it (SIGTERM to its processes), one gets the
-  signal Slurm sends before a time-out (SIGUSR2 to the job), which submitit
-  turns into a requeue; the same command again resumes the first."""
+  """Through submitit's LocalExecutor: 3 seeds of a task (the expansion of
+  tasks x seeds is tested below); seed 0 is preempted the way Slurm does it
+  (SIGTERM to its processes), seed 1 gets the signal Slurm sends before a
+  time-out (SIGUSR2 to the job), which submitit turns into a requeue, and
+  seed 2 runs to its end; the same command again resumes seed 0 alone."""
   root = tmp_path / 'logdir'
   cleanup(root)
+  task = 'dmc_cartpole_balance'
   options = ('--launcher', 'slurm', '--cluster', 'local', '--preempt_wait',
              '1')
-  result = run_sweep(root, *options, timeout=120)
+  runs = dict(tasks=task, seeds='0-2')
+  result = run_sweep(root, *options, timeout=120, **runs)
   assert result.returncode == 0, result.stderr
-  assert result.stdout.count('submitted ') == 4, result.stdout
+  assert result.stdout.count('submitted ') == 3, result.stdout
   rows, _ = status(root)
-  assert len(rows) == 4
+  assert len(rows) == 3
   assert {r['state'].split(':')[0] for r in rows.values()} <= {
       'queued', 'starting', 'running'}
-  preempted = logdir(root, 'dmc_cartpole_balance', 0)
-  requeued = logdir(root, 'dmc_pendulum_swingup', 1)
+  preempted = logdir(root, task, 0)
+  requeued = logdir(root, task, 1)
+  finished = logdir(root, task, 2)
   os.kill(trainer_pid(preempted), signal.SIGTERM)
   psutil.Process(trainer_pid(requeued)).parent().send_signal(signal.SIGUSR2)
   wait_until(lambda: record(preempted).get('state') == 'preempted',
              'the preempted record')
   rows, _ = status(root)
-  assert rows['dmc_cartpole_balance', 0]['state'].startswith(
+  assert rows[task, 0]['state'].startswith(
       'preempted: exit 130: stopped by a signal, saved; a rerun resumes it')
-  finished = [logdir(root, t, s) for t, s in (
-      ('dmc_cartpole_balance', 1), ('dmc_pendulum_swingup', 0))]
   wait_until(lambda: all(record(p).get('state') == 'done'
-                         for p in finished + [requeued]), 'the other runs')
+                         for p in (finished, requeued)), 'the other runs')
   rows, _ = status(root)
   assert [rows[k]['state'] for k in sorted(rows)] == [
-      rows['dmc_cartpole_balance', 0]['state'], 'done', 'done', 'done']
-  assert all(rows[k]['steps'] == '600/600' for k in rows
-             if k != ('dmc_cartpole_balance', 0))
+      rows[task, 0]['state'], 'done', 'done']
+  assert rows[task, 1]['steps'] == rows[task, 2]['steps'] == '600/600'
+  assert starts(finished) == 1  # Ran to its end, never stopped.
   # The requeued run resumed in its job, from where it stopped.
   check_resumed(requeued, {'metrics': [], 'episodes': {}})
   before = snapshot(preempted)
-  counts = {p: starts(p) for p in finished + [requeued]}
+  counts = {p: starts(p) for p in (finished, requeued)}
 
-  result = run_sweep(root, *options, timeout=120)
+  result = run_sweep(root, *options, timeout=120, **runs)
   assert result.returncode == 0, result.stderr
-  assert result.stdout.count(': skipped') == 3, result.stdout
-  assert 'submitted dmc_cartpole_balance seed 0' in result.stdout
+  assert result.stdout.count(': skipped') == 2, result.stdout
+  assert f'submitted {task} seed 0' in result.stdout
   wait_until(lambda: record(preempted).get('state') == 'done',
              'the resumed run')
   rows, _ = status(root)
   assert {r['state'] for r in rows.values()} == {'done'}
   assert {r['steps'] for r in rows.values()} == {'600/600'}
-  assert rows['dmc_cartpole_balance', 0]['ret'] != '-'
+  assert rows[task, 0]['ret'] != '-'
   check_resumed(preempted, before)
   assert {p: starts(p) for p in counts} == counts  # None restarted.
 
-  result = run_sweep(root, *options, timeout=120)
+  result = run_sweep(root, *options, timeout=120, **runs)
   assert result.returncode == 0, result.stderr
-  assert '4 runs: 4 skipped, submitting 0' in result.stdout
+  assert '3 runs: 3 skipped, submitting 0' in result.stdout
 
 
+@pytest.mark.slow
 def test_local_workers_stop_resume_and_report_failures(tmp_path, cleanup):
   """--launcher local --workers 2: two runs fail for their own reasons
   (a logdir that holds another task's run, an unreadable config.json);
