@@ -43,6 +43,8 @@ def test_profile_covers_every_phase_of_the_step():
 
 
 @pytest.mark.slow
+# Both compare `git worktree list` before and after: one worker runs them.
+@pytest.mark.xdist_group('git_worktree')
 def test_against_compares_with_a_commit_in_a_temporary_worktree():
   before = subprocess.run(['git', 'worktree', 'list'], cwd=ROOT,
                           capture_output=True, text=True).stdout
@@ -55,6 +57,7 @@ def test_against_compares_with_a_commit_in_a_temporary_worktree():
   assert after == before          # The worktree is gone again.
 
 
+@pytest.mark.xdist_group('git_worktree')
 def test_against_stopped_by_sigterm_removes_its_worktree():
   # A scheduler's or `timeout`'s SIGTERM must not leave a worktree behind.
   worktrees = lambda: subprocess.run(
