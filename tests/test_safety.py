@@ -266,10 +266,10 @@ def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path):
   kept, before = {}, (0, 0)  # Files of the killed processes; their steps.
   for when in ('prefill', 'pretraining', 'training'):
     stored = len(files())
-    # prefill: 1 episode of the 500-step prefill; training: 4 episodes,
+    # prefill: 1 episode of the 500-step prefill; training: 3 episodes,
     # past the pretraining at 500 (the episode at 600 ends after it).
     process = start_training(tmp_path, episodes=dict(
-        prefill=1, pretraining=stored, training=4)[when])
+        prefill=1, pretraining=stored, training=3)[when])
     if when == 'pretraining':
       # The prefill ends at 500 mid-episode and logs step 500; the files
       # hold 400 steps until the episode ends at 600, after the pretraining.
@@ -285,7 +285,7 @@ def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path):
     kept.update(files())
     before = (max(logged()), replay.count_steps(tmp_path / 'episodes', 2))
   result = run('--logdir', tmp_path, '--task', 'dmc_cartpole_balance',
-               '--preset', 'debug', '--steps', 1400)
+               '--preset', 'debug', '--steps', 1200)
   assert result.returncode == 0, result.stderr[-2000:]
   # It goes on from where the killed run had got to, not from before.
   start = start_of(result.stdout)
@@ -299,7 +299,7 @@ def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path):
   # The episodes hold the steps run after each kill, once each: the new
   # files' steps plus the old ones never exceed the final count, and no
   # episode was stored twice (a rerun continues the random stream).
-  assert replay.count_steps(tmp_path / 'episodes', 2) <= 1400
+  assert replay.count_steps(tmp_path / 'episodes', 2) <= 1200
   assert len(after) > len(kept)
   actions = set()
   for name in after:
@@ -308,13 +308,14 @@ def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path):
   assert len(actions) == len(after)
   # The step count never went backwards, across all four processes.
   steps = logged()
-  assert steps == sorted(steps) and steps[-1] == 1400
+  assert steps == sorted(steps) and steps[-1] == 1200
 
 
 @pytest.mark.slow
 def test_readers_work_on_a_run_being_trained_and_sigterm_saves(tmp_path):
-  # A save after every 600 steps: the first at 1100.
-  process = start_training(tmp_path, 4, '--eval_every', 600)
+  # A save after every 300 steps: the first at 800 (after the prefill of
+  # 500 and 300 steps of training).
+  process = start_training(tmp_path, 1, '--eval_every', 300)
   try:
     deadline = time.time() + 300
     while not (tmp_path / 'checkpoints' / 'checkpoint').exists():
@@ -339,7 +340,7 @@ def test_readers_work_on_a_run_being_trained_and_sigterm_saves(tmp_path):
     process.wait()
   assert process.returncode == 130, stderr[-2000:]
   step = int(re.search(r'Interrupted at step (\d+)', stdout).group(1))
-  assert step >= 1100  # Past the save after the first evaluation.
+  assert step >= 800  # Past the save after the first evaluation.
   import tensorflow as tf
   saved = int(tf.train.load_checkpoint(str(tmp_path / 'checkpoints'))
               .get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE'))
