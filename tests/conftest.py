@@ -9,11 +9,11 @@ from runs import ROOT
 
 
 def pytest_collection_modifyitems(items):
-  """The order in which pytest-xdist hands the tests to its workers (the
-  README runs `-n 2 --dist loadgroup --no-loadscope-reorder`): the slow ones
-  (real training runs, marker `slow`) first, the quick tier last, each in
-  the order of the files. Started last, one long test would keep a worker
-  busy minutes after the other ran out of work."""
+  """The slow tests (real training runs, marker `slow`) first, the quick
+  tier last, each in the order of the files: within a file under `-n 2
+  --dist loadfile`, and across files under `--dist loadgroup
+  --no-loadscope-reorder`, where a long test started last would keep one
+  worker busy minutes after the other ran out of work."""
   def rank(item):
     return (item.get_closest_marker('slow') is None,
             item.get_closest_marker('quick') is not None)
