@@ -10,7 +10,6 @@ import math
 import os
 import pathlib
 import re
-import signal
 import sys
 import time
 import types
@@ -31,6 +30,7 @@ from dreamer_tf import (
   flags,
   follower,
   hardware,
+  interrupts,
   progress,
   replay,
   rundir,
@@ -537,6 +537,7 @@ class Run:
     dataset = self.dataset()
     for _ in progress.bar(range(count), 'pretrain' if first else 'update',
                       'update'):
+      interrupts.check()
       self._overall.refresh()  # Keep its elapsed time and estimate current.
       batch = next(dataset)
       if self.team:  # Every worker takes this step with the chief.
@@ -666,8 +667,34 @@ def make_run(config, strategy=None, lock=None):
       team=team, lock=lock)
 
 
-def _raise_interrupt(signum, frame):
-  raise KeyboardInterrupt
+def train_to_end(run, logdir):
+  """Trains `run` to --steps, then closes it. Returns the exit status: 0 at
+  the end; 130 after Ctrl-C or SIGTERM (a checkpoint of the step reached is
+  saved); 3 when the losses became non-finite; 1 after a crash."""
+  status = 0
+  try:
+    try:
+      run.train_loop()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (dreamer_tf.interrupts).
+      # Keep the training since the last save; rerun the command to resume.
+      print(f'Interrupted at step {run.step}: saving a checkpoint.')
+      run.save()
+      status = 130
+    if run.team:  # Equal on every worker that took the same steps.
+      print('Worker 0: weights fingerprint '
+            f'{distribute.fingerprint(run.agent.weights())}.')
+  except rundir.LogdirError:  # Its lock file is gone: save nothing more.
+    raise
+  except faults.NonFinite as error:
+    if error.weights_ok:
+      run.save()
+    print(f'dreamer.py: error: {error}', file=sys.stderr)
+    return 3
+  except Exception as error:  # A dead worker, a full disk, a bug.
+    return faults.crashed(run, logdir, error)
+  finally:
+    run.close()
+  return status
 
 
 def train(config):
@@ -686,6 +713,7 @@ def train(config):
     changes = rundir.check_rerun(logdir, config)
     # The flags are fine: now load TensorFlow.
     strategy, devices = hardware.start(config, config.strategy)
+    interrupts.check()  # A Ctrl-C while TensorFlow loaded.
     print(f'Logdir {logdir}, task {config.task}.')
     print(wrappers.describe_cap(
         config.task, config.time_limit, config.action_repeat))
@@ -697,30 +725,7 @@ def train(config):
     if changes:
       print('Changed since the last start: ' + ', '.join(
           f'--{k} {old!r} -> {new!r}' for k, (old, new) in changes.items()))
-    # A scheduler's SIGTERM saves like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-      run.train_loop()
-      if run.team:
-        print('Worker 0: weights fingerprint '
-              f'{distribute.fingerprint(run.agent.weights())}.')
-    except rundir.LogdirError:  # Its lock file is gone: save nothing more.
-      raise
-    except KeyboardInterrupt:
-      # Keep the training since the last save; rerun the command to resume.
-      print(f'Interrupted at step {run.step}: saving a checkpoint.')
-      run.save()
-      return 130
-    except faults.NonFinite as error:
-      if error.weights_ok:
-        run.save()
-      print(f'dreamer.py: error: {error}', file=sys.stderr)
-      return 3
-    except Exception as error:  # A dead worker, a full disk, a bug.
-      return faults.crashed(run, logdir, error)
-    finally:
-      run.close()
-    return 0
+    return train_to_end(run, logdir)
   finally:
     lock.release()
 
@@ -732,11 +737,13 @@ def main(argv=None):
   except (ValueError, RuntimeError) as error:
     sys.exit(f'dreamer.py: error: {error}')
   try:
-    if config.mode == 'eval':
-      print(hardware.start(config)[1])  # On one device.
-      status = evaluate.evaluate_checkpoint(config)
-    else:
-      status = train(config)
+    # Ctrl-C and a scheduler's SIGTERM stop at the next safe point.
+    with interrupts.deferred():
+      if config.mode == 'eval':
+        print(hardware.start(config)[1])  # On one device.
+        status = evaluate.evaluate_checkpoint(config)
+      else:
+        status = train(config)
   except KeyboardInterrupt:  # During start-up: nothing to save yet.
     print('Interrupted.', file=sys.stderr)
     sys.exit(130)

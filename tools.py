@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from dreamer_tf import interrupts
+
 tfd = tfp.distributions
 
 
@@ -427,8 +429,9 @@ def simulate(policy, envs, steps=0, episodes=0, state=None, on_episode=None,
   finished episode (a dict of arrays from the Collect wrapper);
   `on_step(count)` is told how many agent steps were just taken;
   `before_step()` is called before every policy call (the run loop trains
-  there). Returns the state to pass back in to continue the same episodes
-  later.
+  there). A stop requested by Ctrl-C or SIGTERM raises KeyboardInterrupt
+  between two steps (dreamer_tf.interrupts). Returns the state to pass
+  back in to continue the same episodes later.
   """
   count = len(envs)
   if state is None:
@@ -436,6 +439,7 @@ def simulate(policy, envs, steps=0, episodes=0, state=None, on_episode=None,
   obs, done, agent_state = state['obs'], state['done'], state['agent']
   step = episode = 0
   while (steps and step < steps) or (episodes and episode < episodes):
+    interrupts.check()  # Ctrl-C or SIGTERM stops between two steps.
     reset = done.copy()
     for index in np.flatnonzero(done):
       obs[index] = envs.reset(index)

@@ -466,7 +466,9 @@ def _find_token(path, token, wait, poll=0.5):
 
 @contextlib.contextmanager
 def _signals_held():
-  """Ctrl-C and SIGTERM wait until the block is done (main thread only)."""
+  """Ctrl-C and SIGTERM (even a second Ctrl-C) wait until the block is
+  done, then go to the handlers before it: dreamer_tf.interrupts records
+  them for the loop's next safe point (main thread only)."""
   if threading.current_thread() is not threading.main_thread():
     yield
     return
@@ -479,8 +481,12 @@ def _signals_held():
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
-    if received:
-      raise KeyboardInterrupt
+    for signum in received:
+      handler = previous[signum]
+      if callable(handler):
+        handler(signum, None)
+      elif handler != signal.SIG_IGN:
+        raise KeyboardInterrupt
 
 
 def fingerprint(variables):

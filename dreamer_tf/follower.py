@@ -5,7 +5,7 @@ import pathlib
 import sys
 
 import wrappers
-from dreamer_tf import distribute, hardware, replay
+from dreamer_tf import distribute, hardware, interrupts, replay
 from dreamer_tf.faults import non_finite
 
 
@@ -13,6 +13,7 @@ def start(config):
   """The whole process of a worker other than the chief: TensorFlow, its
   devices and seeds, then `follow`. Returns the exit status."""
   strategy, devices = hardware.start(config, config.strategy)
+  interrupts.check()  # A Ctrl-C while TensorFlow loaded.
   print(devices)
   return follow(config, strategy)
 
@@ -36,6 +37,7 @@ def follow(config, strategy):
     team.share_weights(agent.variables())
     print(f'Worker {index}: following the chief.')
     for _ in team.orders():
+      interrupts.check()
       if dataset is None:
         dataset = _dataset(config, spec, strategy)
         if dataset is None:

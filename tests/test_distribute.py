@@ -136,62 +136,73 @@ def fingerprint(stdout):
   return lines[0].split('fingerprint ')[1].rstrip('.')
 
 
+def model_losses(logdir):
+  """How many times the chief has logged train metrics."""
+  path = logdir / 'metrics.jsonl'
+  return path.read_text().count('"model_loss"') if path.exists() else 0
+
+
 @pytest.mark.slow
-def test_multi_worker_trains_on_two_local_workers_and_resumes(tmp_path):
-  logdir = tmp_path / 'run'
-  # 1000 steps: 2 pretraining updates at 500; then 1500: 2 more at 1000.
-  for steps, updates in ((1000, 2), (1500, 4)):
-    chief, worker = start_workers(logdir, '--steps', steps)
-    chief_out, chief_err = chief.communicate(timeout=600)
-    assert chief.returncode == 0, chief_err[-3000:]
-    after_chief = listing(logdir)
-    worker_out, worker_err = worker.communicate(timeout=120)
-    assert worker.returncode == 0, worker_err[-3000:]
-    assert 'on each of 2 workers, this is worker 0 (multi_worker: 2 ' \
-        'replicas, 2 sequences each)' in chief_out
-    assert f'Done: {steps} environment steps.' in chief_out
-    # Both hold the same weights, bit for bit, after the same updates (the
-    # worker's count includes those restored from the chief's checkpoint).
-    assert f'Worker 1: {updates} updates' in worker_out, worker_out
-    assert fingerprint(chief_out) == fingerprint(worker_out)
-    # Only the chief wrote: nothing changed after it stopped, and every
-    # TensorBoard file is one of the chief's processes'.
-    assert listing(logdir) == after_chief
-  events = sorted(p.name for p in logdir.glob('events.out.tfevents.*'))
-  assert len(events) == 2          # One per chief process.
-  assert 'Resumed from' in chief_out
+def test_multi_worker_trains_resumes_and_stops_on_sigterm(tmp_path):
+  """Round 1 trains to 1000 steps; round 2 resumes and is stopped by a
+  scheduler's SIGTERM to the chief (SIGINT may be ignored when the tests
+  run in the background), which saves and stops every worker."""
+  import re
+
   import tensorflow as tf
-  reader = tf.train.load_checkpoint(str(logdir / 'checkpoints'))
-  key = [k for k in reader.get_variable_to_shape_map()
-         if k.startswith('model_opt_adam/') and 'iteration' in k][0]
-  assert int(reader.get_tensor(key)) == 4
+  logdir = tmp_path / 'run'
+  # Round 1, 1000 steps: 2 pretraining updates at 500.
+  chief, worker = start_workers(logdir, '--steps', 1000)
+  chief_out, chief_err = chief.communicate(timeout=600)
+  assert chief.returncode == 0, chief_err[-3000:]
+  after_chief = listing(logdir)
+  worker_out, worker_err = worker.communicate(timeout=120)
+  assert worker.returncode == 0, worker_err[-3000:]
+  assert 'on each of 2 workers, this is worker 0 (multi_worker: 2 ' \
+      'replicas, 2 sequences each)' in chief_out
+  assert 'Done: 1000 environment steps.' in chief_out
+  # Both hold the same weights, bit for bit, after the same updates.
+  assert 'Worker 1: 2 updates' in worker_out, worker_out
+  assert fingerprint(chief_out) == fingerprint(worker_out)
+  # Only the chief wrote: nothing changed after it stopped, and every
+  # TensorBoard file is one of the chief's processes'.
+  assert listing(logdir) == after_chief
 
-
-@pytest.mark.slow
-def test_stopping_the_chief_saves_and_stops_every_worker(tmp_path):
-  # SIGTERM, which the run treats as Ctrl-C (SIGINT may be ignored when the
-  # tests run in the background).
-  chief, worker = start_workers(tmp_path, '--steps', 100000, '--eval_every',
-                                100000)
+  # Round 2: resumes from the checkpoint at 1000, trains at once; SIGTERM
+  # to the chief once it has logged those updates.
+  logged = model_losses(logdir)
+  chief, worker = start_workers(logdir, '--steps', 100000)
   try:
     deadline = time.time() + 300
-    # Wait until they train together (the chief logs after its updates).
-    while not (tmp_path / 'metrics.jsonl').exists() or 'model_loss' not in \
-        (tmp_path / 'metrics.jsonl').read_text():
+    while model_losses(logdir) == logged:
       assert chief.poll() is None, chief.communicate()[1][-3000:]
       assert time.time() < deadline, 'no training in time'
       time.sleep(0.5)
     chief.send_signal(signal.SIGTERM)
     chief_out, chief_err = chief.communicate(timeout=120)
+    after_chief = listing(logdir)
     worker_out, worker_err = worker.communicate(timeout=120)
   finally:
     for process in (chief, worker):
       process.kill()
   assert chief.returncode == 130, chief_err[-3000:]
-  assert 'Interrupted at step' in chief_out
-  assert list((tmp_path / 'checkpoints').glob('ckpt-*.index'))
+  assert 'at step 1000 (2 updates).' in chief_out  # Resumed from round 1.
+  step = int(re.search(r'Interrupted at step (\d+)', chief_out).group(1))
   assert worker.returncode == 0, worker_err[-3000:]
-  assert 'weights fingerprint' in worker_out
+  # The worker took every step the chief took: the same weights, and its
+  # update count (with those restored from round 1) is the one the chief
+  # saved in its checkpoint at the step it reached.
+  assert fingerprint(chief_out) == fingerprint(worker_out)
+  updates = int(re.search(r'Worker 1: (\d+) updates', worker_out).group(1))
+  assert updates >= 4  # 2 restored, then 2 at once on resuming.
+  reader = tf.train.load_checkpoint(str(logdir / 'checkpoints'))
+  key = [k for k in reader.get_variable_to_shape_map()
+         if k.startswith('model_opt_adam/') and 'iteration' in k][0]
+  assert int(reader.get_tensor(key)) == updates
+  assert int(reader.get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE')) == step
+  assert listing(logdir) == after_chief
+  events = sorted(p.name for p in logdir.glob('events.out.tfevents.*'))
+  assert len(events) == 2          # One per chief process.
 
 
 def wait_for_episodes(chief, logdir):

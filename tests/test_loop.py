@@ -462,3 +462,45 @@ def test_a_prefill_rerun_after_a_kill_collects_new_episodes(tmp_path):
   assert again.step == 1000
   again.prefill(400)
   assert episodes_and_distinct_actions() == (7, 7)
+
+
+class SignalOnStep(FakeEnvs):
+  """Sends this process `signum` at agent step `at`, from inside a
+  finaliser: Python drops an exception raised there ("Exception ignored
+  in"), as it did in logging's fork hook when a SIGTERM's handler raised
+  KeyboardInterrupt, and the run then neither saved nor stopped."""
+
+  def __init__(self, count, config, signum, at):
+    super().__init__(count, config)
+    self._signum, self._at, self._steps = signum, at, 0
+
+  def step(self, actions):
+    import os
+
+    class Finaliser:
+      def __del__(inner):
+        os.kill(os.getpid(), self._signum)
+    self._steps += 1
+    if self._steps == self._at:
+      Finaliser()  # Freed at once: its __del__ runs here.
+    return super().step(actions)
+
+
+@pytest.mark.parametrize('signum', ['SIGTERM', 'SIGINT'])
+def test_a_signal_inside_a_finaliser_still_stops_and_saves(
+    tmp_path, capsys, signum):
+  import signal
+
+  from dreamer_tf import interrupts
+  signum = getattr(signal, signum)
+  config = config_for(tmp_path)
+  run = make_fake_run(config)
+  # Agent step 400: after the prefill's 250, at env step 800 of 1500.
+  run.train_envs = SignalOnStep(config.envs, config, signum, 400)
+  with interrupts.deferred():
+    status = dreamer.train_to_end(run, tmp_path)
+  assert status == 130
+  assert run.step == 800 and run.checkpoint.saves == [800]
+  assert 'Interrupted at step 800: saving a checkpoint.' in \
+      capsys.readouterr().out
+  assert run.train_envs.closed
