@@ -10,6 +10,8 @@ Each run is `python dreamer.py --logdir <root>/<task>/dreamer/<seed> --task
 <task> --seed <seed> [flags]`, started in the repository's folder with its
 stdout and stderr appended to `<logdir>/sweep.out` and `sweep.err`. Every
 run's flags are checked with dreamer.py's own checks before anything starts.
+--script runs another script in its place (e.g. a fork of dreamer.py) with
+the same flags and exit statuses.
 dreamer.py saves and exits 130 on SIGTERM; the sweep starts it with SIGUSR2
 ignored (Slurm's signal before a time-out may reach every process of a job;
 submitit catches it in the job's own process).
@@ -78,7 +80,7 @@ import uuid
 
 import submitit
 
-from dreamer_tf import replay, rundir
+from dreamer_tf import interrupts, replay, rundir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -121,13 +123,14 @@ class Spec:
   logdir: str
   flags: tuple
   steps: int
+  script: str = 'dreamer.py'  # --script: run from the repository's folder.
 
   @property
   def name(self):
     return f'{self.task} seed {self.seed}'
 
   def command(self):
-    return [sys.executable, 'dreamer.py', '--logdir', self.logdir, '--task',
+    return [sys.executable, self.script, '--logdir', self.logdir, '--task',
             self.task, '--seed', str(self.seed), *self.flags]
 
 
@@ -177,9 +180,10 @@ def _dreamer():
   return dreamer
 
 
-def plan(tasks, seeds, root, flags):
+def plan(tasks, seeds, root, flags, script='dreamer.py'):
   """The runs of tasks x seeds under root, each checked by dreamer.py's own
-  flag checks; raises SweepError naming the first problem."""
+  flag checks; raises SweepError naming the first problem. Each run starts
+  `script` (relative to the repository's folder) with dreamer.py's flags."""
   for token in flags:
     name = token[2:].split('=')[0] if token.startswith('--') else None
     if name in SET_BY_SWEEP:
@@ -190,7 +194,7 @@ def plan(tasks, seeds, root, flags):
   for task in tasks:
     for seed in seeds:
       logdir = pathlib.Path(root) / task / METHOD / str(seed)
-      spec = Spec(task, seed, str(logdir), tuple(flags), 0)
+      spec = Spec(task, seed, str(logdir), tuple(flags), 0, script)
       try:
         config = dreamer.parse_args(spec.command()[2:])
         dreamer.check_config(config)
@@ -472,7 +476,7 @@ def launch_local(specs, workers, gpus, say):
     interrupted = False
     try:
       while concurrent.futures.wait(futures, timeout=1).not_done:
-        pass
+        interrupts.check()
     except KeyboardInterrupt:
       interrupted = True
       for sig in (signal.SIGINT, signal.SIGTERM):
@@ -733,6 +737,10 @@ def parser():
                  'whose last exit was a failure again (skipped otherwise).')
   p.add_argument('--dry_run', action='store_true', help='Print what would '
                  'start; start nothing.')
+  p.add_argument('--script', default='dreamer.py', help='The script each '
+                 'run starts, with dreamer.py\'s flags and exit statuses '
+                 '(a path, relative to the repository\'s folder; default: '
+                 'dreamer.py).')
   p.add_argument('--status', metavar='ROOT', help='Print the table of every '
                  'run under ROOT and exit.')
   local = p.add_argument_group('--launcher local')
@@ -795,7 +803,11 @@ def sweep(args, flags):
                      '(run it on a login node), or --launcher local.')
   gpus = detect_gpus(args.gpus) if args.launcher == 'local' else []
   root = pathlib.Path(args.root).expanduser().absolute()
-  specs = plan(parse_tasks(args.tasks), parse_seeds(args.seeds), root, flags)
+  script = ROOT / args.script
+  if not script.is_file():
+    raise SweepError(f'--script {args.script}: no such file in {ROOT}.')
+  specs = plan(parse_tasks(args.tasks), parse_seeds(args.seeds), root, flags,
+               args.script)
   say = _say
   launch, notes, failed_before = [], [], []
   for spec in specs:
@@ -840,11 +852,8 @@ def sweep(args, flags):
         f'{root / ".submitit"}). Follow them with: python -m '
         f'dreamer_tf.sweep --status {args.root}')
     return 1 if failed_before else 0
-  previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-  try:
+  with interrupts.deferred():  # Ctrl-C or SIGTERM: launch_local stops.
     outcomes, interrupted = launch_local(launch, args.workers, gpus, say)
-  finally:
-    signal.signal(signal.SIGTERM, previous)
   kinds = [o.kind for o in outcomes]
   say('Ended: ' + ', '.join(f'{kinds.count(k)} {k}' for k in dict.fromkeys(
       kinds)) + '. State of every run: python -m dreamer_tf.sweep --status '
@@ -852,10 +861,6 @@ def sweep(args, flags):
   if interrupted:
     return 130
   return 1 if 'failed' in kinds or failed_before else 0
-
-
-def _raise_interrupt(signum, frame):
-  raise KeyboardInterrupt
 
 
 def _say(text):

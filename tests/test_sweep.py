@@ -2,9 +2,10 @@
 through submitit (its LocalExecutor: the API of the Slurm one) and through
 the local pool, with a preemption, a failure and reruns; and --status.
 
-The two real sweeps start several tiny dreamer.py runs each (--preset debug
---steps 600: prefill, one evaluation, one training occasion); the other
-tests are pure Python."""
+The submitit sweep starts tiny dreamer.py runs (--preset debug --steps 600:
+prefill, one evaluation, one training occasion); the local pool's sweep
+starts tests/stand_in_dreamer.py (dreamer.py's main with fakes, no model);
+the other tests are pure Python."""
 
 import json
 import os
@@ -199,13 +200,19 @@ def test_submitit_sweep_resumes_a_preempted_run_and_skips_finished_ones(
   assert '3 runs: 3 skipped, submitting 0' in result.stdout
 
 
-@pytest.mark.slow
+# The local pool's runs: dreamer.py's main with fakes (no model to trace).
+LOCAL = ('--launcher', 'local', '--workers', '2', '--script',
+         'tests/stand_in_dreamer.py')
+
+
 def test_local_workers_stop_resume_and_report_failures(tmp_path, cleanup):
   """--launcher local --workers 2: two runs fail for their own reasons
   (a logdir that holds another task's run, an unreadable config.json);
   SIGTERM to the sweep stops the others, which save; the same command
   resumes them, reports the failures with their reasons and, run again,
-  does not retry them."""
+  does not retry them. The runs are tests/stand_in_dreamer.py: dreamer.py's
+  own main, flags, checks, lock, signals and loop with a fake agent and
+  fake environments; the submitit test above runs the real one."""
   root = tmp_path / 'logdir'
   cleanup(root)
   other_task = logdir(root, 'dmc_cartpole_balance', 1)
@@ -215,7 +222,7 @@ def test_local_workers_stop_resume_and_report_failures(tmp_path, cleanup):
   (other_task / 'config.json').write_text('{"task": "dmc_walker_walk"}')
   (bad_config / 'config.json').write_text('{"task": ')
   process = subprocess.Popen(
-      sweep_command(root, '--launcher', 'local', '--workers', '2'),
+      sweep_command(root, *LOCAL),
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     training = [logdir(root, t, 0) for t in TASKS.split(',')]
@@ -242,7 +249,7 @@ def test_local_workers_stop_resume_and_report_failures(tmp_path, cleanup):
   for path in training:  # Saved when stopped: nothing was lost since.
     before[path] = snapshot(path)
 
-  result = run_sweep(root, '--launcher', 'local', '--workers', '2')
+  result = run_sweep(root, *LOCAL)
   assert result.returncode == 1, result.stdout + result.stderr
   assert ('failed earlier dmc_cartpole_balance seed 1: exit 1: dreamer.py: '
           'error: ') in result.stdout
@@ -257,7 +264,7 @@ def test_local_workers_stop_resume_and_report_failures(tmp_path, cleanup):
     assert rows[task, 1]['state'].startswith('failed: exit 1: dreamer.py')
   assert status(root)[1].splitlines()[-1] == '4 runs: 2 done, 2 failed.'
 
-  result = run_sweep(root, '--launcher', 'local', '--workers', '2')
+  result = run_sweep(root, *LOCAL)
   assert result.returncode == 1
   assert result.stdout.count('failed earlier') == 2, result.stdout
   assert '2 failed run(s) not retried' in result.stdout
@@ -303,6 +310,8 @@ def test_tasks_and_seeds():
     (['--tasks', 'dmc20', '--preset', 'debug', '--steps', '10'],
      '--steps 10 is not above --prefill 500'),
     (['--seeds', '1'], '--tasks is required'),
+    (['--tasks', 'dmc20', '--script', 'no_such.py'],
+     '--script no_such.py: no such file in '),
 ])
 def test_bad_input_is_one_line_before_anything_starts(tmp_path, capsys,
                                                       args, message):
