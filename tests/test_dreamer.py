@@ -117,6 +117,24 @@ def test_dmc_end_to_end_then_resume(tmp_path, trained_run):
   assert '--cnn_depth' in changed.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('trained_run')
+def test_a_real_run_reads_as_done_to_the_sweep(trained_run):
+  # The sweeps in tests/test_sweep.py run a stand-in: here the sweep reads
+  # the files of a real run (tools.Logger's metrics.jsonl, config.json, the
+  # lock file a finished run leaves empty).
+  from dreamer_tf import sweep
+  shared, first = trained_run
+  assert first.returncode == 0, first.stderr[-3000:]
+  returns = [m['test/return'] for m in read_metrics(shared)
+             if 'test/return' in m]
+  state = sweep.run_state(shared, 1500)
+  assert (state.state, state.step, state.ret) == ('done', 1500, returns[-1])
+  assert sweep.run_state(shared).state == 'done'  # --steps of config.json.
+  # Planned longer: it began, and no exit of a sweep is recorded.
+  assert sweep.run_state(shared, 2000).state == 'stopped'
+
+
 def test_eval_of_a_logdir_without_checkpoint_is_one_line(tmp_path):
   (tmp_path / 'config.json').write_text('{"task": "dmc_cartpole_balance"}')
   result = run('--logdir', tmp_path, '--mode', 'eval', timeout=120)

@@ -2,10 +2,10 @@
 through submitit (its LocalExecutor: the API of the Slurm one) and through
 the local pool, with a preemption, a failure and reruns; and --status.
 
-The submitit sweep starts tiny dreamer.py runs (--preset debug --steps 600:
-prefill, one evaluation, one training occasion); the local pool's sweep
-starts tests/stand_in_dreamer.py (dreamer.py's main with fakes, no model);
-the other tests are pure Python."""
+The two sweeps start tests/stand_in_dreamer.py (dreamer.py's main with a
+fake model and environments) with --preset debug --steps 600 (prefill, one
+evaluation, one training occasion); a real dreamer.py run's state is read
+from the session's trained run; the other tests are pure Python."""
 
 import json
 import os
@@ -24,6 +24,11 @@ from runs import ROOT
 TASKS = 'dmc_cartpole_balance,dmc_pendulum_swingup'
 FLAGS = ('--preset', 'debug', '--steps', '600')
 HEADER = ['task', 'seed', 'steps', 'return', 'last write', 'state']
+# The sweeps' runs: dreamer.py's own main, flags, checks, lock, signals and
+# loop, with a fake model and fake environments (no TensorFlow graph to
+# trace, no rendering). test_a_real_run_reads_as_done checks the state
+# read from a real dreamer.py run.
+STAND_IN = 'tests/stand_in_dreamer.py'
 
 
 def sweep_command(root, *options, tasks=TASKS, seeds='0-1'):
@@ -146,12 +151,13 @@ def test_submitit_sweep_resumes_a_preempted_run_and_skips_finished_ones(
   tasks x seeds is tested below); seed 0 is preempted the way Slurm does it
   (SIGTERM to its processes), seed 1 gets the signal Slurm sends before a
   time-out (SIGUSR2 to the job), which submitit turns into a requeue, and
-  seed 2 runs to its end; the same command again resumes seed 0 alone."""
+  seed 2 runs to its end; the same command again resumes seed 0 alone.
+  The runs are the stand-in (STAND_IN)."""
   root = tmp_path / 'logdir'
   cleanup(root)
   task = 'dmc_cartpole_balance'
   options = ('--launcher', 'slurm', '--cluster', 'local', '--preempt_wait',
-             '1')
+             '1', '--script', STAND_IN)
   runs = dict(tasks=task, seeds='0-2')
   result = run_sweep(root, *options, timeout=120, **runs)
   assert result.returncode == 0, result.stderr
@@ -200,9 +206,7 @@ def test_submitit_sweep_resumes_a_preempted_run_and_skips_finished_ones(
   assert '3 runs: 3 skipped, submitting 0' in result.stdout
 
 
-# The local pool's runs: dreamer.py's main with fakes (no model to trace).
-LOCAL = ('--launcher', 'local', '--workers', '2', '--script',
-         'tests/stand_in_dreamer.py')
+LOCAL = ('--launcher', 'local', '--workers', '2', '--script', STAND_IN)
 
 
 def test_local_workers_stop_resume_and_report_failures(tmp_path, cleanup):
