@@ -1,5 +1,6 @@
 """Fixtures shared by several test files."""
 
+import signal
 import subprocess
 import sys
 
@@ -34,3 +35,13 @@ def trained_run(tmp_path_factory):
        'dmc_cartpole_balance', '--preset', 'debug', '--steps', '1500'],
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   return logdir, result
+
+
+@pytest.fixture
+def sigint_catchable():
+  """SIGINT turned into KeyboardInterrupt, as in a terminal, during the
+  test: a shell's background job (nohup, &) starts with SIGINT ignored, and
+  dreamer_tf.interrupts keeps an ignored SIGINT ignored."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)

@@ -7,7 +7,7 @@ import pytest
 
 from dreamer_tf import interrupts
 
-pytestmark = pytest.mark.quick
+pytestmark = [pytest.mark.quick, pytest.mark.usefixtures('sigint_catchable')]
 
 
 @pytest.mark.parametrize('name', ['SIGINT', 'SIGTERM'])

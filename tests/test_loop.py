@@ -351,21 +351,24 @@ class SignalOnStep(FakeEnvs):
     return super().step(actions)
 
 
-@pytest.mark.parametrize('signum', ['SIGTERM', 'SIGINT'])
+@pytest.mark.parametrize('signum,at', [
+    ('SIGTERM', 400), ('SIGINT', 400), ('SIGTERM', 100), ('SIGINT', 100)])
 def test_a_signal_inside_a_finaliser_still_stops_and_saves(
-    tmp_path, capsys, signum):
+    tmp_path, capsys, sigint_catchable, signum, at):
   import signal
 
   from dreamer_tf import interrupts
   signum = getattr(signal, signum)
   config = config_for(tmp_path)
   run = make_fake_run(config)
-  # Agent step 400: after the prefill's 250, at env step 800 of 1500.
-  run.train_envs = SignalOnStep(config.envs, config, signum, 400)
+  # Agent step 400: in the training, after the prefill's 250, at env step
+  # 800 of 1500; agent step 100: in the prefill, at env step 200.
+  run.train_envs = SignalOnStep(config.envs, config, signum, at)
   with interrupts.deferred():
     status = dreamer.train_to_end(run, tmp_path)
+  step = 2 * at
   assert status == 130
-  assert run.step == 800 and run.checkpoint.saves == [800]
-  assert 'Interrupted at step 800: saving a checkpoint.' in \
+  assert run.step == step and run.checkpoint.saves == [step]
+  assert f'Interrupted at step {step}: saving a checkpoint.' in \
       capsys.readouterr().out
   assert run.train_envs.closed
