@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -78,10 +79,31 @@ def test_dmc_end_to_end_then_resume(tmp_path, trained_run):
                 'reward prediction', 'policy actions', 'values vs returns'):
     assert check in doctor.stdout
 
-  second = run('--logdir', logdir, '--task', 'dmc_cartpole_balance', *TINY,
-               '--steps', 2000)
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert 'Resumed from' in second.stdout and 'at step 1500' in second.stdout
+  # The resume, and two readers of the run while it trains: --mode eval of
+  # its latest checkpoint and the doctor (they share its logdir).
+  second = subprocess.Popen(
+      [sys.executable, 'dreamer.py', '--logdir', str(logdir), '--task',
+       'dmc_cartpole_balance', *TINY, '--steps', '2000'], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    provenance = logdir / 'provenance.jsonl'
+    deadline = time.time() + 300
+    while len(provenance.read_text().splitlines()) < 2:  # It has started.
+      assert second.poll() is None, second.communicate()[1][-3000:]
+      assert time.time() < deadline, 'the resume did not start in time'
+      time.sleep(0.2)
+    evaluation = run('--logdir', logdir, '--mode', 'eval', '--eval_episodes',
+                     2)
+    health = subprocess.run(
+        [sys.executable, '-m', 'dreamer_tf.doctor', '--logdir', str(logdir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    second_out, second_err = second.communicate(timeout=600)
+  finally:
+    second.kill()
+    second.wait()
+  assert second.returncode == 0, second_err[-3000:]
+  assert 'Resumed from' in second_out and 'at step 1500' in second_out
+  assert health.returncode in (0, 1) and 'Health of the run' in health.stdout
   # Each start recorded what produced it (docs/reproduce.md).
   starts = [json.loads(line) for line in
             (logdir / 'provenance.jsonl').read_text().splitlines()]
@@ -100,11 +122,14 @@ def test_dmc_end_to_end_then_resume(tmp_path, trained_run):
   for key in ('reward_corr', 'image_mse', 'openl_mse_h1', 'openl_mse_h5'):
     assert any(key in m and np.isfinite(m[key]) for m in metrics), key
 
-  # Evaluation of the saved agent, with the task and sizes from config.json.
-  evaluation = run('--logdir', logdir, '--mode', 'eval', '--eval_episodes', 2)
+  # The evaluation of the saved agent (run above, during the resume), with
+  # the task and sizes from config.json: the checkpoint at 1500, or at 2000
+  # if the resume saved its last before the evaluation read it.
   assert evaluation.returncode == 0, evaluation.stderr[-3000:]
   result = json.loads((logdir / 'eval' / 'returns.json').read_text())
-  assert result['step'] == 2000 and len(result['returns']) == 2
+  assert result['step'] in (1500, 2000) and len(result['returns']) == 2
+  assert f"dmc_cartpole_balance at step {result['step']}: return" in \
+      evaluation.stdout
   assert result['mean'] == pytest.approx(np.mean(result['returns']))
   assert result['std'] == pytest.approx(np.std(result['returns']))
   assert f"{result['mean']:.1f}" in evaluation.stdout
@@ -237,9 +262,10 @@ def test_presets_and_flag_precedence():
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
-  # In the prefill, after its first episode; SIGTERM, as a scheduler sends
-  # it, is tested during training on a run that readers read
-  # (test_safety.py): it saves the same way.
+  # In the prefill, after its first episode. SIGTERM, as a scheduler sends
+  # it, stops the chief of a multi_worker run in training
+  # (test_distribute.py) and the sweeps' runs (test_sweep.py); both signals
+  # go through one handler (test_interrupts.py, test_loop.py).
   import signal
 
   from runs import start_training

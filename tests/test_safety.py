@@ -312,42 +312,6 @@ def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_readers_work_on_a_run_being_trained_and_sigterm_saves(tmp_path):
-  # A save after every 300 steps: the first at 800 (after the prefill of
-  # 500 and 300 steps of training).
-  process = start_training(tmp_path, 1, '--eval_every', 300)
-  try:
-    deadline = time.time() + 300
-    while not (tmp_path / 'checkpoints' / 'checkpoint').exists():
-      assert time.time() < deadline and process.poll() is None
-      time.sleep(0.5)
-    evaluation = run('--logdir', tmp_path, '--mode', 'eval',
-                     '--eval_episodes', 1)
-    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
-    assert json.loads((tmp_path / 'eval' / 'returns.json').read_text())[
-        'returns']
-    doctor = subprocess.run(
-        [sys.executable, '-m', 'dreamer_tf.doctor', '--logdir', str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert doctor.returncode in (0, 1) and 'Health of the run' in doctor.stdout
-    assert process.poll() is None  # The trainer was not disturbed.
-    # A scheduler's SIGTERM then saves a checkpoint at the step reached, as
-    # Ctrl-C does (test_dreamer.py), and exits 130.
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
-  finally:
-    process.kill()
-    process.wait()
-  assert process.returncode == 130, stderr[-2000:]
-  step = int(re.search(r'Interrupted at step (\d+)', stdout).group(1))
-  assert step >= 800  # Past the save after the first evaluation.
-  import tensorflow as tf
-  saved = int(tf.train.load_checkpoint(str(tmp_path / 'checkpoints'))
-              .get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE'))
-  assert saved == step
-
-
-@pytest.mark.slow
 def test_a_diverging_run_stops_at_the_first_nan_in_one_line(tmp_path):
   # A learning rate of 1e30 throws the weights far away in one update; the
   # next loss is not finite.
