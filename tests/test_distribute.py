@@ -144,15 +144,15 @@ def model_losses(logdir):
 
 @pytest.mark.slow
 def test_multi_worker_trains_resumes_and_stops_on_sigterm(tmp_path):
-  """Round 1 trains to 1000 steps; round 2 resumes and is stopped by a
+  """Round 1 trains to 600 steps; round 2 resumes and is stopped by a
   scheduler's SIGTERM to the chief (SIGINT may be ignored when the tests
   run in the background), which saves and stops every worker."""
   import re
 
   import tensorflow as tf
   logdir = tmp_path / 'run'
-  # Round 1, 1000 steps: 2 pretraining updates at 500.
-  chief, worker = start_workers(logdir, '--steps', 1000)
+  # Round 1, 600 steps: 2 pretraining updates at 500.
+  chief, worker = start_workers(logdir, '--steps', 600)
   chief_out, chief_err = chief.communicate(timeout=600)
   assert chief.returncode == 0, chief_err[-3000:]
   after_chief = listing(logdir)
@@ -160,7 +160,7 @@ def test_multi_worker_trains_resumes_and_stops_on_sigterm(tmp_path):
   assert worker.returncode == 0, worker_err[-3000:]
   assert 'on each of 2 workers, this is worker 0 (multi_worker: 2 ' \
       'replicas, 2 sequences each)' in chief_out
-  assert 'Done: 1000 environment steps.' in chief_out
+  assert 'Done: 600 environment steps.' in chief_out
   # Both hold the same weights, bit for bit, after the same updates.
   assert 'Worker 1: 2 updates' in worker_out, worker_out
   assert fingerprint(chief_out) == fingerprint(worker_out)
@@ -168,7 +168,7 @@ def test_multi_worker_trains_resumes_and_stops_on_sigterm(tmp_path):
   # TensorBoard file is one of the chief's processes'.
   assert listing(logdir) == after_chief
 
-  # Round 2: resumes from the checkpoint at 1000, trains at once; SIGTERM
+  # Round 2: resumes from the checkpoint at 600, trains at once; SIGTERM
   # to the chief once it has logged those updates.
   logged = model_losses(logdir)
   chief, worker = start_workers(logdir, '--steps', 100000)
@@ -186,7 +186,7 @@ def test_multi_worker_trains_resumes_and_stops_on_sigterm(tmp_path):
     for process in (chief, worker):
       process.kill()
   assert chief.returncode == 130, chief_err[-3000:]
-  assert 'at step 1000 (2 updates).' in chief_out  # Resumed from round 1.
+  assert 'at step 600 (2 updates).' in chief_out  # Resumed from round 1.
   step = int(re.search(r'Interrupted at step (\d+)', chief_out).group(1))
   assert worker.returncode == 0, worker_err[-3000:]
   # The worker took every step the chief took: the same weights, and its
