@@ -274,12 +274,13 @@ def survivors(seen):
 
 @pytest.mark.slow
 def test_three_environment_processes_end_to_end(tmp_path):
-  # 3 envs x 100 agent steps x repeat 2: each round of episodes is 600
+  # 3 envs x 50 agent steps x repeat 2: each round of episodes is 300
   # steps; prefill one round, train during the second.
   process = subprocess.Popen(
       [sys.executable, 'dreamer.py', '--logdir', str(tmp_path), *TINY,
-       '--envs', '3', '--parallel', 'process', '--prefill', '600',
-       '--steps', '1200', '--train_every', '600', '--eval_every', '1200'],
+       '--envs', '3', '--parallel', 'process', '--time_limit', '100',
+       '--prefill', '300', '--steps', '600', '--train_every', '300',
+       '--eval_every', '600'],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=QUIET)
   seen = {}
@@ -307,8 +308,8 @@ def test_three_environment_processes_end_to_end(tmp_path):
     with np.load(path) as episode:
       lengths.append(len(episode['reward']) - 1)
       first_frames.append(episode['image'][0].tobytes())
-  assert sum(lengths) * 2 == 1200        # The step count adds up.
-  assert 'Done: 1200 environment steps.' in stdout
+  assert sum(lengths) * 2 == 600         # The step count adds up.
+  assert 'Done: 600 environment steps.' in stdout
   # Three environments with their own seeds: the first round's episodes
   # start from three different states.
   assert len(set(first_frames[:3])) == 3
