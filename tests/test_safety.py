@@ -314,16 +314,17 @@ def test_kill_9_then_rerun_loses_nothing_and_counts_on(tmp_path):
 @pytest.mark.slow
 def test_a_diverging_run_stops_at_the_first_nan_in_one_line(tmp_path):
   # A learning rate of 1e30 throws the weights far away in one update; the
-  # next loss is not finite.
+  # next loss is not finite. Episodes of 50 agent steps, a prefill of 2.
   result = run('--logdir', tmp_path, '--task', 'dmc_cartpole_balance',
-               '--preset', 'debug', '--model_lr', '1e30')
+               '--preset', 'debug', '--model_lr', '1e30', '--time_limit',
+               100, '--prefill', 100)
   assert result.returncode == 3 and one_line_error(result), result.stderr
   assert 'model_loss = nan' in result.stderr
   batch = next((tmp_path / 'nan').glob('batch-*.npz'))
   with np.load(batch) as data:
     assert data['image'].shape == (4, 10, 64, 64, 3)
   info = json.loads(next((tmp_path / 'nan').glob('info-*.json')).read_text())
-  assert info['batch'] == batch.name and info['step'] == 500
+  assert info['batch'] == batch.name and info['step'] == 100
   assert (tmp_path / 'checkpoints' / 'checkpoint').exists()
 
 
