@@ -36,8 +36,10 @@ def follow(config, strategy):
   try:
     team.share_weights(agent.variables())
     print(f'Worker {index}: following the chief.')
+    # A signal of its own (Slurm signals every process of a job) waits for
+    # the chief's order to stop: leaving between an order and its step
+    # would break the step the chief takes. Ctrl-C twice stops it at once.
     for _ in team.orders():
-      interrupts.check()
       if dataset is None:
         dataset = _dataset(config, spec, strategy)
         if dataset is None:
